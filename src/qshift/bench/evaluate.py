@@ -1,0 +1,54 @@
+"""Source-model evaluation on the embedded world (``qshift eval``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qshift.data import world
+from qshift.models.world_model import WorldDualEncoder
+from qshift.retrieval.encode import encode_batched
+from qshift.retrieval.metrics import retrieval_metrics
+
+DIRECTIONS = ("i2t", "t2i")
+REPORTED = ("R@1", "R@5", "R@10", "mAP")
+
+
+@dataclass
+class EvalRow:
+    """One (benchmark, direction) result; ``as_json`` is the CLI's JSON-lines contract."""
+
+    benchmark: str
+    direction: str
+    metrics: dict[str, float]
+    n_queries: int
+    n_gallery: int
+
+    def as_json(self) -> dict:
+        return {"benchmark": self.benchmark, "direction": self.direction,
+                "metrics": {k: round(self.metrics[k], 4) for k in REPORTED},
+                "n_queries": self.n_queries, "n_gallery": self.n_gallery}
+
+
+def evaluate_world_split(model: WorldDualEncoder, split: world.WorldSplit, directions: tuple[str, ...] = DIRECTIONS,
+                         benchmark: str | None = None, batch_size: int = 256, progress: bool = False) -> list[EvalRow]:
+    """Clean retrieval metrics of ``model`` on ``split`` for each direction."""
+    for d in directions:
+        if d not in DIRECTIONS:
+            raise ValueError(f"unknown direction {d!r}; expected one of {DIRECTIONS}")
+    model.eval()
+    images = split.images()
+    zi = encode_batched(model.encode_image, images, batch_size, desc="images", progress=progress)
+    zt = encode_batched(model.encode_text, split.captions, batch_size, desc="captions", progress=progress)
+    image_ids = torch.arange(len(images))
+    caption_ids = torch.as_tensor(split.caption_image)
+    name = benchmark or f"world/{split.name}"
+    rows = []
+    for d in directions:
+        if d == "i2t":
+            m = retrieval_metrics(zi @ zt.T, image_ids, caption_ids)
+            rows.append(EvalRow(name, d, m, len(images), len(split.captions)))
+        else:
+            m = retrieval_metrics(zt @ zi.T, caption_ids, image_ids)
+            rows.append(EvalRow(name, d, m, len(split.captions), len(images)))
+    return rows

@@ -1,0 +1,38 @@
+"""The RetrievalModel protocol every backbone adapter implements (DESIGN.md, core abstractions)."""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class RetrievalModel(Protocol):
+    """A dual encoder seen from the query side.
+
+    ``query_modality`` / ``gallery_modality`` name the towers' inputs ("image", "text", …);
+    ``encode_query`` is differentiable, ``encode_gallery`` runs without gradients, both return
+    L2-normalised [B, d] embeddings.  ``adaptable_parameters`` is the named rule of what test-time
+    adaptation may change (by default the query tower's LayerNorm affine parameters).
+    """
+
+    query_modality: str
+    gallery_modality: str
+
+    def encode_query(self, batch: Any) -> torch.Tensor: ...
+
+    def encode_gallery(self, batch: Any) -> torch.Tensor: ...
+
+    def adaptable_parameters(self) -> list[tuple[str, nn.Parameter]]: ...
+
+
+def layernorm_affine_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the weight and bias of every ``nn.LayerNorm`` inside ``module``."""
+    out: list[tuple[str, nn.Parameter]] = []
+    for mod_name, mod in module.named_modules():
+        if isinstance(mod, nn.LayerNorm):
+            for p_name, p in mod.named_parameters(recurse=False):
+                full = ".".join(x for x in (prefix, mod_name, p_name) if x)
+                out.append((full, p))
+    return out

@@ -1,0 +1,245 @@
+"""The embedded world's source model: a small ViT image tower and an n-gram text tower.
+
+Both towers are pre-LN transformers whose only normalisation is LayerNorm (so LayerNorm-only
+test-time adaptation applies to them as it does to CLIP), projected into one L2-normalised space
+and trained contrastively (``qshift train-world-model``).  The trained weights ship inside the
+package (``qshift/models/weights/``); ``load_world_model()`` returns them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qshift.models.protocol import layernorm_affine_parameters
+from qshift.models.tokenizer import NgramTokenizer
+
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.25, 0.25, 0.25)
+SHIPPED_WEIGHTS = "world_dual_encoder.pt"
+
+
+@dataclass
+class WorldModelConfig:
+    image_size: int = 96
+    stem_channels: tuple[int, int] = (32, 64)
+    patch: int = 3  # stride of the last stem conv, after two stride-2 convs: tokens = (size/4/patch)^2
+    image_width: int = 128
+    image_depth: int = 6
+    text_width: int = 128
+    text_depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    embed_dim: int = 128
+    tokenizer: dict = field(default_factory=lambda: NgramTokenizer().config())
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (``ln_1`` → attention, ``ln_2`` → MLP), as in CLIP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, W = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
+        mask = None if key_padding is None else (~key_padding)[:, None, None, :]
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, L, W))
+        return x + self.mlp(self.ln_2(x))
+
+
+class ImageTower(nn.Module):
+    """Convolutional stem (no normalisation) → ``ln_pre`` → pre-LN blocks → ``ln_post`` on CLS → projection."""
+
+    def __init__(self, cfg: WorldModelConfig) -> None:
+        super().__init__()
+        c1, c2 = cfg.stem_channels
+        w = cfg.image_width
+        self.image_size = cfg.image_size
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, c1, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(c2, w, cfg.patch, stride=cfg.patch),
+        )
+        grid = cfg.image_size // 4 // cfg.patch
+        self.cls = nn.Parameter(torch.zeros(1, 1, w))
+        self.pos = nn.Parameter(torch.randn(1, grid * grid + 1, w) * 0.02)
+        self.ln_pre = nn.LayerNorm(w)
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.image_depth))
+        self.ln_post = nn.LayerNorm(w)
+        self.head = nn.Linear(w, cfg.embed_dim, bias=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (self.image_size,) * 2:
+            raise ValueError(f"expected normalised images [B, 3, {self.image_size}, {self.image_size}], "
+                             f"got {tuple(pixels.shape)}")
+        x = self.stem(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.ln_pre(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_post(x[:, 0]))
+
+
+class TextTower(nn.Module):
+    """Bag-of-n-gram word embeddings → pre-LN blocks → ``ln_final`` on CLS → projection."""
+
+    def __init__(self, cfg: WorldModelConfig) -> None:
+        super().__init__()
+        w = cfg.text_width
+        tok = cfg.tokenizer
+        self.pieces = nn.Embedding(tok["n_buckets"], w, padding_idx=0)
+        self.cls = nn.Parameter(torch.zeros(1, 1, w))
+        self.pos = nn.Parameter(torch.randn(1, tok["max_words"] + 1, w) * 0.02)
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.text_depth))
+        self.ln_final = nn.LayerNorm(w)
+        self.head = nn.Linear(w, cfg.embed_dim, bias=False)
+
+    def forward(self, pieces: torch.Tensor) -> torch.Tensor:
+        if pieces.ndim != 3:
+            raise ValueError(f"expected token pieces [B, words, pieces], got {tuple(pieces.shape)}")
+        count = (pieces > 0).sum(-1, keepdim=True)
+        words = self.pieces(pieces).sum(-2) / count.clamp(min=1)
+        B, L, _ = words.shape
+        x = torch.cat([self.cls.expand(B, -1, -1), words], dim=1) + self.pos[:, : L + 1]
+        pad = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=pieces.device), count[..., 0] == 0], dim=1)
+        for blk in self.blocks:
+            x = blk(x, key_padding=pad)
+        return self.head(self.ln_final(x[:, 0]))
+
+
+class WorldDualEncoder(nn.Module):
+    """Image and text towers sharing one normalised embedding space."""
+
+    def __init__(self, cfg: WorldModelConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or WorldModelConfig()
+        self.tokenizer = NgramTokenizer(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in self.cfg.tokenizer.items()})
+        self.visual = ImageTower(self.cfg)
+        self.text = TextTower(self.cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    # -- preprocessing ------------------------------------------------------------------
+    def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (numpy or torch) → normalised float [B, 3, H, W]."""
+        t = torch.as_tensor(images)
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4 or t.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images [B, H, W, 3], got shape {tuple(t.shape)}")
+        if t.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images, got {t.dtype}")
+        x = t.permute(0, 3, 1, 2).float().div_(255.0)
+        return normalise_pixels(x)
+
+    def tokenize(self, texts: list[str] | str) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    # -- encoding ----------------------------------------------------------------------
+    def encode_image(self, images: Any) -> torch.Tensor:
+        """Images (uint8 HWC batch, or already-normalised float BCHW) → normalised [B, d]."""
+        x = images if isinstance(images, torch.Tensor) and images.is_floating_point() else self.preprocess_images(images)
+        return F.normalize(self.visual(x.to(self.logit_scale.device)), dim=-1)
+
+    def encode_text(self, texts: Any) -> torch.Tensor:
+        """Captions (list of str, or token pieces from ``tokenize``) → normalised [B, d]."""
+        t = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        return F.normalize(self.text(t.to(self.logit_scale.device)), dim=-1)
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, path: str | Path, card: dict | None = None, half: bool = True) -> None:
+        """Save weights (fp16 by default) with the config and an optional model-card dict."""
+        state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in self.state_dict().items()}
+        cfg = asdict(self.cfg)
+        # the card goes through JSON so that the file loads with ``weights_only=True``
+        payload = {"config": cfg, "state_dict": state, "card": json.loads(json.dumps(card or {}, default=str))}
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WorldDualEncoder":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"world model weights not found: {path}")
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = payload["config"]
+        cfg["stem_channels"] = tuple(cfg["stem_channels"])
+        model = cls(WorldModelConfig(**cfg))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        model.card = payload.get("card", {})
+        return model.eval()
+
+
+def normalise_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float BCHW → the model's normalised input."""
+    mean = torch.tensor(IMAGE_MEAN, dtype=x.dtype, device=x.device)[None, :, None, None]
+    std = torch.tensor(IMAGE_STD, dtype=x.dtype, device=x.device)[None, :, None, None]
+    return (x - mean) / std
+
+
+def shipped_weights_path() -> Path:
+    return Path(str(resources.files("qshift.models") / "weights" / SHIPPED_WEIGHTS))
+
+
+def load_world_model(path: str | Path | None = None) -> WorldDualEncoder:
+    """The shipped source model (or the one saved at ``path``), in eval mode, on CPU."""
+    p = Path(path) if path is not None else shipped_weights_path()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"world model weights not found at {p}; reinstall qshift or run `qshift train-world-model`")
+    return WorldDualEncoder.load(p)
+
+
+class WorldRetrievalModel:
+    """RetrievalModel adapter over a ``WorldDualEncoder`` for one direction.
+
+    ``query_modality="image"`` gives image→text retrieval (i2t), ``"text"`` gives t2i.
+    Adaptable parameters: every LayerNorm weight and bias of the query tower (image: ``ln_pre``,
+    each block's ``ln_1``/``ln_2``, ``ln_post``; text: each block's ``ln_1``/``ln_2`` and ``ln_final``).
+    """
+
+    def __init__(self, encoder: WorldDualEncoder, query_modality: str = "image") -> None:
+        if query_modality not in ("image", "text"):
+            raise ValueError(f"query_modality must be 'image' or 'text', got {query_modality!r}")
+        self.encoder = encoder.eval()
+        self.query_modality = query_modality
+        self.gallery_modality = "text" if query_modality == "image" else "image"
+
+    def _encode(self, modality: str, batch: Any) -> torch.Tensor:
+        return self.encoder.encode_image(batch) if modality == "image" else self.encoder.encode_text(batch)
+
+    def encode_query(self, batch: Any) -> torch.Tensor:
+        return self._encode(self.query_modality, batch)
+
+    @torch.no_grad()
+    def encode_gallery(self, batch: Any) -> torch.Tensor:
+        return self._encode(self.gallery_modality, batch)
+
+    def query_tower(self) -> nn.Module:
+        return self.encoder.visual if self.query_modality == "image" else self.encoder.text
+
+    def adaptable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        prefix = "visual" if self.query_modality == "image" else "text"
+        return layernorm_affine_parameters(self.query_tower(), prefix=prefix)
+
+
+def model_card_json(model: WorldDualEncoder) -> str:
+    return json.dumps(getattr(model, "card", {}), indent=2)

@@ -1,0 +1,310 @@
+"""Train the embedded world's source model (``qshift train-world-model``).
+
+Contrastive (symmetric InfoNCE) training on rendered scenes with generic augmentation only:
+small translations and rescaling, brightness / contrast / saturation jitter (no hue: captions name
+colours), mild Gaussian blur, mild Gaussian noise and mild JPEG re-encoding — all well below
+ImageNet-C severity 1 — and no flips (captions say left and right).  Each image is paired with a
+caption from a random source family, and image→text logits also see one *hard negative* caption
+per image (the same scene with one attribute, position or binding changed), which teaches the
+towers attribute binding.  The benchmark's corruption functions, held-out caption styles and
+rendering domains are never used here.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from qshift.data import world
+from qshift.models.world_model import WorldDualEncoder, WorldModelConfig, normalise_pixels
+from qshift.retrieval.metrics import retrieval_metrics
+
+AUGMENTATIONS = {
+    "translate_px": 4,
+    "scale": (0.93, 1.07),
+    "brightness": (0.8, 1.2),
+    "contrast": (0.75, 1.25),
+    "saturation": (0.8, 1.2),
+    "blur_p": 0.25, "blur_sigma": (0.3, 0.7),
+    "noise_p": 0.3, "noise_std": (0.0, 0.03),
+    "jpeg_p": 0.25, "jpeg_quality": (55, 90),
+    "hflip": False, "hue": False,
+}
+N_HARD = 3
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 2500
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 150
+    pool_size: int = 80_000
+    eval_every: int = 500
+    hard_negatives: bool = True
+    workers: int = 2
+
+
+# ------------------------------------------------------------------------------- the pool
+
+def perturb_scene(scene: world.Scene, rng: np.random.Generator) -> world.Scene | None:
+    """The same scene with one describable change (attribute, position or binding)."""
+    objs = list(scene.objects)
+    n = len(objs)
+    kind = rng.choice(["colour", "shape", "size", "move", "swap_colour", "swap_shape", "swap_pos"]
+                      if n > 1 else ["colour", "shape", "size", "move"])
+    i = int(rng.integers(n))
+    o = objs[i]
+    if kind == "colour":
+        objs[i] = replace(o, colour=list(world.COLOURS)[int(rng.integers(len(world.COLOURS)))])
+    elif kind == "shape":
+        objs[i] = replace(o, shape=world.SHAPES[int(rng.integers(len(world.SHAPES)))])
+    elif kind == "size":
+        objs[i] = replace(o, size="small" if o.size == "large" else "large")
+    elif kind == "move":
+        objs[i] = replace(o, x=float(rng.uniform(5, world.IMAGE_SIZE - 5)), y=float(rng.uniform(5, world.IMAGE_SIZE - 5)))
+    else:
+        j = int((i + 1 + rng.integers(n - 1)) % n)
+        p = objs[j]
+        if kind == "swap_colour":
+            objs[i], objs[j] = replace(o, colour=p.colour), replace(p, colour=o.colour)
+        elif kind == "swap_shape":
+            objs[i], objs[j] = replace(o, shape=p.shape), replace(p, shape=o.shape)
+        else:
+            objs[i], objs[j] = replace(o, x=p.x, y=p.y), replace(p, x=o.x, y=o.y)
+    new = replace(scene, objects=tuple(objs))
+    if new.layout_key == scene.layout_key:
+        return None
+    if len({(x.shape, x.colour) for x in objs}) < n:
+        return None
+    return new
+
+
+def _render_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[list[str]], list[list[str]]]:
+    start, stop, seed = args
+    images, positives, negatives = [], [], []
+    for idx in range(start, stop):
+        scene, caps = world.train_scene(idx, seed=world.TRAIN_SEED + 1000 * seed)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, idx, 7]))
+        img = world.render_scene(scene)
+        if rng.random() < AUGMENTATIONS["jpeg_p"]:
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=int(rng.integers(*AUGMENTATIONS["jpeg_quality"])))
+            img = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        images.append(img)
+        pos = [caps[f] for f in world.SOURCE_FAMILIES]
+        negs: list[str] = []
+        for _ in range(20):
+            if len(negs) == N_HARD:
+                break
+            bad = perturb_scene(scene, rng)
+            if bad is None:
+                continue
+            fam = world.SOURCE_FAMILIES[int(rng.integers(len(world.SOURCE_FAMILIES)))]
+            text = world.caption_scene(bad, fam, rng)
+            if text not in pos and text not in negs:
+                negs.append(text)
+        while len(negs) < N_HARD:  # fall back to another scene's caption
+            other, oc = world.train_scene(idx + 10_000_000, seed=world.TRAIN_SEED + 1000 * seed)
+            negs.append(oc[world.SOURCE_FAMILIES[len(negs)]])
+        positives.append(pos)
+        negatives.append(negs)
+    return np.stack(images), positives, negatives
+
+
+@dataclass
+class Pool:
+    images: torch.Tensor  # uint8 [N, H, W, 3]
+    pos_words: torch.Tensor  # int32 [N, F, L]
+    neg_words: torch.Tensor  # int32 [N, H, L]
+    vocab: list[str]
+
+
+def build_pool(cfg: TrainConfig, progress: bool = True) -> Pool:
+    """Render ``pool_size`` training scenes with their captions, in parallel, deterministically."""
+    chunk = 1000
+    jobs = [(s, min(s + chunk, cfg.pool_size), cfg.seed) for s in range(0, cfg.pool_size, chunk)]
+    images, pos, neg = [], [], []
+    with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as ex:
+        for im, p, n in tqdm(ex.map(_render_chunk, jobs), total=len(jobs), desc="rendering training scenes",
+                             disable=not progress, unit="k scenes"):
+            images.append(im)
+            pos.extend(p)
+            neg.extend(n)
+    vocab: dict[str, int] = {"": 0}
+    from qshift.models.tokenizer import NgramTokenizer
+
+    def words(texts: list[list[str]]) -> torch.Tensor:
+        seqs = [[[vocab.setdefault(w, len(vocab)) for w in NgramTokenizer.split_words(t)] for t in row] for row in texts]
+        L = max(len(s) for row in seqs for s in row)
+        out = torch.zeros(len(seqs), len(seqs[0]), L, dtype=torch.int32)
+        for i, row in enumerate(seqs):
+            for j, s in enumerate(row):
+                out[i, j, : len(s)] = torch.tensor(s, dtype=torch.int32)
+        return out
+
+    pw, nw = words(pos), words(neg)
+    return Pool(torch.from_numpy(np.concatenate(images)), pw, nw, [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
+
+
+def vocab_pieces(model: WorldDualEncoder, vocab: list[str]) -> torch.Tensor:
+    """[V, P] hashed piece ids of each vocabulary word (row 0 = padding)."""
+    tok = model.tokenizer
+    rows = [tok.word_pieces(w) if w else () for w in vocab]
+    P = max(len(r) for r in rows)
+    out = torch.zeros(len(vocab), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+# ------------------------------------------------------------------------------ augmentation
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [B, H, W, 3] → augmented, normalised float [B, 3, H, W]."""
+    a = AUGMENTATIONS
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    B, _, H, W = x.shape
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*(shape or (B,)), generator=gen)  # noqa: E731
+    # translation + mild isotropic rescale, border pixels replicated
+    scale = u(*a["scale"])
+    shift = u(-1, 1, B, 2) * (2 * a["translate_px"] / W)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0] = 1 / scale
+    theta[:, 1, 1] = 1 / scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # photometric jitter (no hue)
+    grey = x.mean(1, keepdim=True)
+    x = grey + (x - grey) * u(*a["saturation"])[:, None, None, None]
+    m = x.mean((1, 2, 3), keepdim=True)
+    x = m + (x - m) * u(*a["contrast"])[:, None, None, None]
+    x = x * u(*a["brightness"])[:, None, None, None]
+    # mild blur on a random subset
+    blur = torch.rand(B, generator=gen) < a["blur_p"]
+    if blur.any():
+        sig = float(u(*a["blur_sigma"], 1))
+        r = torch.arange(-2, 3, dtype=torch.float32)
+        k = torch.exp(-(r ** 2) / (2 * sig ** 2))
+        k = k / k.sum()
+        xb = x[blur]
+        xb = F.conv2d(F.pad(xb, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+        xb = F.conv2d(F.pad(xb, (0, 0, 2, 2), mode="replicate"), k.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+        x[blur] = xb
+    noisy = (torch.rand(B, generator=gen) < a["noise_p"]).float()[:, None, None, None]
+    x = x + noisy * u(*a["noise_std"])[:, None, None, None] * torch.randn(x.shape, generator=gen)
+    return normalise_pixels(x.clamp(0, 1))
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_split(model: WorldDualEncoder, split: world.WorldSplit, batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Clean i2t and t2i metrics of ``model`` on ``split``."""
+    model.eval()
+    imgs = split.images()
+    zi = torch.cat([model.encode_image(imgs[s:s + batch_size]) for s in range(0, len(imgs), batch_size)])
+    zt = torch.cat([model.encode_text(split.captions[s:s + batch_size]) for s in range(0, len(split.captions), batch_size)])
+    image_ids = torch.arange(len(imgs))
+    cap_ids = torch.as_tensor(split.caption_image)
+    return {
+        "i2t": retrieval_metrics(zi @ zt.T, image_ids, cap_ids),
+        "t2i": retrieval_metrics(zt @ zi.T, cap_ids, image_ids),
+    }
+
+
+# --------------------------------------------------------------------------------- training
+
+def _param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "pieces" in name or name.endswith((".pos", ".cls")) else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = None, out: str | Path | None = None,
+                      progress: bool = True, log=print) -> tuple[WorldDualEncoder, dict]:
+    """Train a world dual encoder from scratch; returns the model and a training record."""
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    model = WorldDualEncoder(model_cfg or WorldModelConfig())
+    pool = build_pool(cfg, progress=progress)
+    t_pool = time.time() - t0
+    log(f"pool: {len(pool.images)} scenes, vocab {len(pool.vocab)} words, rendered in {t_pool:.0f}s")
+    table = vocab_pieces(model, pool.vocab)
+    val = world.load_split("val")
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    N, n_fam = pool.pos_words.shape[:2]
+    bar = tqdm(range(cfg.steps), desc="training", disable=not progress)
+    t_train = time.time()
+    for step in bar:
+        model.train()
+        idx = torch.randint(N, (cfg.batch_size,), generator=gen)
+        fam = torch.randint(n_fam, (cfg.batch_size,), generator=gen)
+        x = augment(pool.images[idx], gen)
+        words = pool.pos_words[idx, fam].long()
+        if cfg.hard_negatives:
+            hn = torch.randint(pool.neg_words.shape[1], (cfg.batch_size,), generator=gen)
+            neg = pool.neg_words[idx, hn].long()
+            L = max(words.shape[1], neg.shape[1])
+            words = torch.cat([F.pad(words, (0, L - words.shape[1])), F.pad(neg, (0, L - neg.shape[1]))])
+        keep = int((words > 0).any(0).nonzero().max()) + 1
+        pieces = table[words[:, :keep]]
+        zi = F.normalize(model.visual(x), dim=-1)
+        zt = F.normalize(model.text(pieces), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        B = cfg.batch_size
+        logits = scale * zi @ zt.T  # [B, B(+B)]
+        target = torch.arange(B)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :B].T, target))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale.item():.1f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            m = evaluate_split(model, val)
+            rec = {"step": step + 1, "loss": loss.item(), "minutes": (time.time() - t0) / 60,
+                   "val_i2t_R@1": m["i2t"]["R@1"], "val_t2i_R@1": m["t2i"]["R@1"]}
+            history.append(rec)
+            log(f"step {step + 1}: loss {loss.item():.3f}  val i2t R@1 {m['i2t']['R@1']:.1f}  "
+                f"t2i R@1 {m['t2i']['R@1']:.1f}  ({rec['minutes']:.1f} min)")
+    model.eval()
+    record = {
+        "train_config": asdict(cfg),
+        "model_config": asdict(model.cfg),
+        "augmentations": AUGMENTATIONS,
+        "hard_negatives_per_image": N_HARD if cfg.hard_negatives else 0,
+        "pool_seconds": round(t_pool, 1),
+        "train_seconds": round(time.time() - t_train, 1),
+        "total_seconds": round(time.time() - t0, 1),
+        "history": history,
+        "hardware": {"platform": platform.platform(), "processor": platform.processor(),
+                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if out is not None:
+        model.save(out, card=record)
+    return model, record

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qshift.data import world
+from qshift.models.protocol import RetrievalModel
+from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel, shipped_weights_path
+
+
+def test_shipped_weights_are_small_and_carry_a_card(shipped_model):
+    path = shipped_weights_path()
+    assert path.stat().st_size <= 10 * 2**20
+    card = shipped_model.card
+    assert card["test_set"]["n_images"] == 2000 and card["test_set"]["n_captions"] == 10_000
+    assert card["test_set"]["sha256"] == world.load_split("test").fingerprint(), "model card hash ≠ current test set"
+    assert card["total_seconds"] <= 3600
+    assert path.with_suffix(".md").is_file()
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_adaptable_parameters_are_exactly_query_tower_layernorm_affines(tiny_model, modality):
+    rm = WorldRetrievalModel(tiny_model, query_modality=modality)
+    assert isinstance(rm, RetrievalModel)
+    params = rm.adaptable_parameters()
+    tower = tiny_model.visual if modality == "image" else tiny_model.text
+    expected = {id(p) for m in tower.modules() if isinstance(m, nn.LayerNorm) for p in (m.weight, m.bias)}
+    assert {id(p) for _, p in params} == expected
+    names = [n for n, _ in params]
+    assert all(n.startswith("visual." if modality == "image" else "text.") for n in names)
+    if modality == "image":
+        assert {"visual.ln_pre.weight", "visual.ln_post.bias", "visual.blocks.0.ln_1.weight"} <= set(names)
+    else:
+        assert {"text.ln_final.weight", "text.blocks.0.ln_2.bias"} <= set(names)
+
+
+def test_query_is_differentiable_and_gallery_is_not(tiny_model):
+    split = world.generate_world(seed=5, n_images=4)
+    rm = WorldRetrievalModel(tiny_model, query_modality="image")
+    zq = rm.encode_query(split.images())
+    zg = rm.encode_gallery(split.captions)
+    assert zq.shape == (4, 16) and zg.shape == (20, 16)
+    assert zq.requires_grad and not zg.requires_grad
+    torch.testing.assert_close(zq.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(zg.norm(dim=-1), torch.ones(20))
+    (zq @ zg.T).sum().backward()
+    assert all(p.grad is not None for _, p in rm.adaptable_parameters())
+
+
+def test_text_encoding_ignores_padding(tiny_model):
+    a = tiny_model.encode_text(["a red circle"])
+    b = tiny_model.encode_text(["a red circle", "there is a small blue square in the top left corner"])[:1]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_raise(tiny_model):
+    with pytest.raises(ValueError, match="uint8"):
+        tiny_model.encode_image(np.zeros((2, 96, 96, 3), dtype=np.float64))
+    with pytest.raises(ValueError, match=r"\[B, 3, 96, 96\]"):
+        tiny_model.encode_image(torch.zeros(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="query_modality"):
+        WorldRetrievalModel(tiny_model, query_modality="audio")
+    with pytest.raises(FileNotFoundError):
+        WorldDualEncoder.load("/nonexistent/weights.pt")
+
+
+def test_save_load_roundtrip(tiny_model, tmp_path):
+    path = tmp_path / "m.pt"
+    tiny_model.save(path, card={"note": "x"}, half=False)
+    back = WorldDualEncoder.load(path)
+    split = world.generate_world(seed=1, n_images=3)
+    torch.testing.assert_close(back.encode_image(split.images()), tiny_model.encode_image(split.images()))
+    assert back.card == {"note": "x"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_shipped_model_ranks_true_captions_first(shipped_model):
+    split = world.generate_world(seed=777, n_images=64)  # fresh scenes, never seen in training
+    zi = shipped_model.encode_image(split.images())
+    zt = shipped_model.encode_text(split.captions)
+    top = (zi @ zt.T).argmax(1)
+    acc = (torch.as_tensor(split.caption_image)[top] == torch.arange(64)).float().mean().item()
+    assert acc >= 0.5, acc
