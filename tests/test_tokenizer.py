@@ -28,3 +28,11 @@ def test_bad_text_raises():
         tok(["a circle", "   "])
     with pytest.raises(TypeError):
         tok([None])
+
+
+def test_symbols_inside_a_word_keep_it_one_word():
+    assert NgramTokenizer.split_words("a l*a+rge red star, on the left: done") == [
+        "a", "l*a+rge", "red", "star", ",", "on", "the", "left", ":", "done"]
+    tok = NgramTokenizer()
+    clean = set(tok.word_pieces("large"))
+    assert len(clean & set(tok.word_pieces("l*arge"))) >= 0.4 * len(clean)

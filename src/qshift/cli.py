@@ -50,9 +50,14 @@ def eval_cmd(
     weights: Annotated[Optional[Path], typer.Option(help="World-model weights (default: the shipped model).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 256,
+    benchmark: Annotated[Optional[list[str]], typer.Option(
+        "--benchmark", "-b", help="A registered benchmark (repeatable; `qshift shifts list`). "
+                                  "Without it: the clean split, in --direction.")] = None,
+    shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
 ) -> None:
-    """Evaluate the source model on the clean embedded test set (R@1/5/10 and mAP)."""
-    from qshift.bench.evaluate import evaluate_world_split
+    """Evaluate the source model (no adaptation): the clean embedded test set, or named benchmarks."""
+    from qshift.bench.evaluate import evaluate_task, evaluate_world_split
+    from qshift.bench.registry import build_benchmark
     from qshift.data.world import load_split
     from qshift.models.world_model import load_world_model
 
@@ -62,6 +67,21 @@ def eval_cmd(
     except FileNotFoundError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
+    if benchmark:
+        rows = []
+        for name in benchmark:
+            try:
+                task = build_benchmark(name, shift_seed=shift_seed, progress=not as_json)
+            except ValueError as e:
+                err.print(f"[red]error:[/red] {e}")
+                raise typer.Exit(2)
+            row, per_domain = evaluate_task(model, task, batch_size=batch_size, progress=not as_json)
+            rows.append(row)
+            if as_json:
+                typer.echo(json.dumps(row.as_json()))
+        if not as_json:
+            _print_rows(rows, "Source model (no adaptation) on named benchmarks", t0)
+        return
     data = load_split(split.value)
     dirs = ("i2t", "t2i") if direction is Direction.both else (direction.value,)
     rows = evaluate_world_split(model, data, dirs, benchmark=f"world-clean/{split.value}", batch_size=batch_size,
@@ -70,8 +90,12 @@ def eval_cmd(
         for r in rows:
             typer.echo(json.dumps(r.as_json()))
         return
-    table = Table(title=f"Source model, clean embedded world ({split.value}: {len(data)} images, "
-                        f"{len(data.captions)} captions)")
+    _print_rows(rows, f"Source model, clean embedded world ({split.value}: {len(data)} images, "
+                      f"{len(data.captions)} captions)", t0)
+
+
+def _print_rows(rows, title: str, t0: float) -> None:
+    table = Table(title=title)
     for col in ("benchmark", "direction", "R@1", "R@5", "R@10", "mAP", "queries", "gallery"):
         table.add_column(col, justify="right" if col not in ("benchmark", "direction") else "left")
     for r in rows:
@@ -80,6 +104,38 @@ def eval_cmd(
                       f"{m['mAP']:.1f}", str(r.n_queries), str(r.n_gallery))
     console.print(table)
     console.print(f"[dim]{time.time() - t0:.1f}s · recalls and mAP in percent · any-positive Recall@K[/dim]")
+
+
+shifts_app = typer.Typer(no_args_is_help=True, help="List and preview the query shifts and benchmarks.")
+app.add_typer(shifts_app, name="shifts")
+
+
+@shifts_app.command("list")
+def shifts_list(
+    pattern: Annotated[Optional[str], typer.Argument(help="Only names containing this text.")] = None,
+) -> None:
+    """Print every registered benchmark name, one per line."""
+    from qshift.bench.registry import list_benchmarks
+
+    for name in list_benchmarks():
+        if pattern is None or pattern in name:
+            typer.echo(name)
+
+
+@shifts_app.command("preview")
+def shifts_preview(
+    out: Annotated[Path, typer.Option(help="PNG to write: every corruption × severity, and the domains.")]
+    = Path("shifts_preview.png"),
+    image_index: Annotated[int, typer.Option(min=0, help="Which test image to corrupt.")] = 0,
+    seed: Annotated[int, typer.Option(help="Shift seed.")] = 0,
+) -> None:
+    """Draw every image corruption at every severity (and the QGS domains); print text examples."""
+    from qshift.shifts.preview import draw_image_preview, text_examples
+
+    path = draw_image_preview(out, image_index=image_index, seed=seed)
+    console.print(f"wrote {path}")
+    for line in text_examples(image_index=image_index, seed=seed):
+        console.print(line, markup=False, highlight=False)
 
 
 @app.command("train-world-model")

@@ -52,3 +52,25 @@ def evaluate_world_split(model: WorldDualEncoder, split: world.WorldSplit, direc
             m = retrieval_metrics(zt @ zi.T, caption_ids, image_ids)
             rows.append(EvalRow(name, d, m, len(split.captions), len(images)))
     return rows
+
+
+def evaluate_task(model: WorldDualEncoder, task, batch_size: int = 256, progress: bool = False) -> tuple[EvalRow, dict]:
+    """Offline (no adaptation) metrics of ``model`` on a registry task, overall and per domain."""
+    from qshift.models.world_model import WorldRetrievalModel
+
+    model.eval()
+    rm = WorldRetrievalModel(model, query_modality=task.query_modality)
+    zg = encode_batched(rm.encode_gallery, task.gallery, batch_size, desc="gallery", progress=progress)
+    per_domain: dict[str, dict[str, float]] = {}
+    all_scores, all_ids = [], []
+    for qs in task.query_sets:
+        with torch.no_grad():
+            zq = encode_batched(rm.encode_query, qs.items, batch_size, desc=qs.domain, progress=progress)
+        scores = zq @ zg.T
+        ids = torch.as_tensor(qs.ids)
+        if len(task.query_sets) > 1:
+            per_domain[qs.domain] = retrieval_metrics(scores, ids, torch.as_tensor(task.gallery_ids))
+        all_scores.append(scores)
+        all_ids.append(ids)
+    m = retrieval_metrics(torch.cat(all_scores), torch.cat(all_ids), torch.as_tensor(task.gallery_ids))
+    return EvalRow(task.name, task.direction, m, task.n_queries, len(task.gallery_ids)), per_domain

@@ -61,6 +61,10 @@ COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SOURCE_FAMILIES: tuple[str, ...] = (
     "left_to_right", "there_is", "relation", "count", "position_first", "pairwise", "picture", "size_first",
 )
+#: caption styles the source model never sees in training (sentence-level query shift)
+HELD_OUT_FAMILIES: tuple[str, ...] = ("passive", "formal", "terse")
+#: rendering domains for query–gallery shift; "source" is the training domain
+DOMAINS: tuple[str, ...] = ("source", "outline", "clutter", "lowlight", "sketch")
 CAPTIONS_PER_IMAGE = 5
 
 
@@ -240,34 +244,92 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> li
     return None  # circle and crescent are drawn with ellipses
 
 
-def render_scene(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Render a scene to uint8 RGB [size, size, 3] (4× supersampled, then downsampled)."""
-    S = size * SUPERSAMPLE
-    k = S / IMAGE_SIZE
+def _background(scene: Scene, S: int, domain: str, rng: np.random.Generator) -> np.ndarray:
     bg = scene.background
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32) / S - 0.5
     ramp = (xx * math.cos(bg.gradient_angle) + yy * math.sin(bg.gradient_angle)) * bg.gradient_strength
-    canvas = np.clip(np.asarray(bg.base, np.float32)[None, None, :] + ramp[..., None], 0, 255).astype(np.uint8)
+    base = np.asarray(bg.base, np.float32)
+    if domain == "sketch":
+        base = np.array([238.0, 234.0, 222.0], np.float32)  # paper
+        ramp = ramp * 0.2
+    canvas = base[None, None, :] + ramp[..., None]
+    if domain == "clutter":
+        # a high-contrast texture: random stripes and blobs in muted colours
+        img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8), "RGB")
+        draw = ImageDraw.Draw(img)
+        for _ in range(40):
+            grey = rng.uniform(40, 220)
+            col = tuple(int(np.clip(grey + rng.normal(0, 15), 0, 255)) for _ in range(3))
+            x0, y0 = rng.uniform(0, S, size=2)
+            if rng.random() < 0.5:
+                x1, y1 = x0 + rng.normal(0, S / 3), y0 + rng.normal(0, S / 3)
+                draw.line([x0, y0, x1, y1], fill=col, width=int(rng.uniform(2, 8) * S / IMAGE_SIZE))
+            else:
+                r = rng.uniform(2, 8) * S / IMAGE_SIZE
+                draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=col)
+        canvas = np.asarray(img, np.float32)
+    return np.clip(canvas, 0, 255).astype(np.uint8)
+
+
+def render_scene(scene: Scene, size: int = IMAGE_SIZE, domain: str = "source") -> np.ndarray:
+    """Render a scene to uint8 RGB [size, size, 3] (4× supersampled, then downsampled).
+
+    ``domain`` picks the rendering style: ``source`` (training domain), or one of the held-out
+    query–gallery-shift domains ``outline`` (outline-only shapes), ``clutter`` (textured, cluttered
+    background), ``lowlight`` (dark, blue-cast, low-contrast exposure) and ``sketch`` (pen strokes
+    and hatching on paper).
+    """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; known: {DOMAINS}")
+    S = size * SUPERSAMPLE
+    k = S / IMAGE_SIZE
+    rng = np.random.default_rng([scene.noise_seed, DOMAINS.index(domain)])
+    canvas = _background(scene, S, domain, rng)
     img = Image.fromarray(canvas, "RGB")
     draw = ImageDraw.Draw(img)
+    stroke = max(1, int(round(1.6 * k)))
     for o in scene.objects:
         fill = tuple(int(np.clip(c + t, 0, 255)) for c, t in zip(COLOURS[o.colour], o.tint))
         cx, cy, r = o.x * k, o.y * k, o.radius * k
-        if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif o.shape == "crescent":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-            off = 0.5 * r
-            a = math.radians(o.rotation)
-            ox, oy = cx + off * math.cos(a), cy + off * math.sin(a) - 0.15 * r
-            rr = 0.85 * r
-            # cut the bite with the background colour at that spot
-            px, py = int(np.clip(ox, 0, S - 1)), int(np.clip(oy, 0, S - 1))
-            bite = tuple(int(v) for v in canvas[py, px])
-            draw.ellipse([ox - rr, oy - rr, ox + rr, oy + rr], fill=bite)
+        if domain == "outline":
+            kw = {"outline": fill, "width": stroke}
+        elif domain == "sketch":
+            kw = {"outline": tuple(int(0.55 * c) for c in fill), "width": max(1, stroke // 2)}
         else:
-            draw.polygon(_shape_polygon(o.shape, cx, cy, r, o.rotation), fill=fill)
+            kw = {"fill": fill}
+        if o.shape in ("circle", "crescent"):
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], **kw)
+            if o.shape == "crescent":
+                off = 0.5 * r
+                a = math.radians(o.rotation)
+                ox, oy = cx + off * math.cos(a), cy + off * math.sin(a) - 0.15 * r
+                rr = 0.85 * r
+                # cut the bite with the background colour at that spot
+                px, py = int(np.clip(ox, 0, S - 1)), int(np.clip(oy, 0, S - 1))
+                bite = tuple(int(v) for v in canvas[py, px])
+                draw.ellipse([ox - rr, oy - rr, ox + rr, oy + rr], fill=bite,
+                             **({"outline": kw["outline"], "width": kw["width"]} if "outline" in kw else {}))
+        else:
+            draw.polygon(_shape_polygon(o.shape, cx, cy, r, o.rotation), **kw)
+        if domain == "sketch":  # hatching in the object's colour, clipped to its bounding circle
+            mask = Image.new("L", (S, S), 0)
+            mdraw = ImageDraw.Draw(mask)
+            if o.shape in ("circle", "crescent"):
+                mdraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+            else:
+                mdraw.polygon(_shape_polygon(o.shape, cx, cy, r, o.rotation), fill=255)
+            hatch = Image.new("L", (S, S), 0)
+            hdraw = ImageDraw.Draw(hatch)
+            step = int(3 * k)
+            for d in range(-S, S, step):
+                hdraw.line([d, 0, d + S, S], fill=255, width=max(1, stroke // 2))
+            from PIL import ImageChops
+            img.paste(fill, (0, 0), ImageChops.multiply(mask, hatch))
     out = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+    if domain == "lowlight":
+        out = 255.0 * (out / 255.0) ** 1.6 * 0.45 + np.array([0.0, 4.0, 18.0], np.float32)
+        out = out + rng.normal(0, 3.0, size=out.shape)  # sensor noise in the dark
+    bg = scene.background
     if bg.grain > 0:
         noise = np.random.default_rng(scene.noise_seed).normal(0, bg.grain, size=out.shape)
         out = out + noise
@@ -347,7 +409,17 @@ def caption_scene(scene: Scene, family: str, rng: np.random.Generator) -> str:
         big = sorted(objs, key=lambda o: -o.radius)
         parts = [f"{_article(ph[id(o)])} {CELL_PHRASES[o.cell]}" for o in big]
         return "an image showing " + _join(parts)
-    raise ValueError(f"unknown caption family {family!r}; known: {SOURCE_FAMILIES}")
+    if family == "passive":
+        parts = [f"{_article(f'{o.shape} coloured {o.colour}')} of {o.size} size is placed {CELL_PHRASES[o.cell]}"
+                 for o in objs]
+        return _join(parts)
+    if family == "formal":
+        noun = "object" if n == 1 else "objects"
+        parts = [f"{_article(ph[id(o)])} positioned {CELL_PHRASES[o.cell]}" for o in lr]
+        return f"this illustration contains precisely {COUNT_WORDS[n]} {noun}, namely " + _join(parts)
+    if family == "terse":
+        return "; ".join(f"{o.colour} {o.shape}, {o.size}, {o.cell}" for o in lr)
+    raise ValueError(f"unknown caption family {family!r}; known: {SOURCE_FAMILIES + HELD_OUT_FAMILIES}")
 
 
 def scene_captions(scene: Scene, rng: np.random.Generator, n: int = CAPTIONS_PER_IMAGE,

@@ -14,7 +14,9 @@ from functools import lru_cache
 
 import torch
 
-_WORD_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+# a word is a run of letters/digits, possibly joined by symbols inside it ("l*a+rge" stays one
+# word, so a typo with a symbol still shares n-grams with "large"); lone punctuation is its own token
+_WORD_RE = re.compile(r"[a-z0-9]+(?:[^\sa-z0-9]+[a-z0-9]+)*|[^\sa-z0-9]")
 
 
 class NgramTokenizer:
@@ -36,7 +38,7 @@ class NgramTokenizer:
 
     @staticmethod
     def split_words(text: str) -> list[str]:
-        """Lower-case words and single punctuation marks, in order."""
+        """Lower-case words (symbols inside a word stay in it) and lone punctuation marks, in order."""
         return _WORD_RE.findall(text.lower())
 
     def _hash(self, piece: str) -> int:

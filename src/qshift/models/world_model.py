@@ -30,6 +30,8 @@ SHIPPED_WEIGHTS = "world_dual_encoder.pt"
 @dataclass
 class WorldModelConfig:
     image_size: int = 96
+    # a fixed (not learnt) Gaussian low-pass at the image input, as anti-aliasing; 0 disables it
+    prefilter_sigma: float = 1.0
     stem_channels: tuple[int, int] = (32, 64)
     patch: int = 3  # stride of the last stem conv, after two stride-2 convs: tokens = (size/4/patch)^2
     image_width: int = 128
@@ -64,13 +66,20 @@ class Block(nn.Module):
 
 
 class ImageTower(nn.Module):
-    """Convolutional stem (no normalisation) → ``ln_pre`` → pre-LN blocks → ``ln_post`` on CLS → projection."""
+    """Fixed Gaussian prefilter → convolutional stem (no normalisation) → ``ln_pre`` → pre-LN blocks
+    → ``ln_post`` on CLS → projection."""
 
     def __init__(self, cfg: WorldModelConfig) -> None:
         super().__init__()
         c1, c2 = cfg.stem_channels
         w = cfg.image_width
         self.image_size = cfg.image_size
+        self.prefilter_sigma = float(cfg.prefilter_sigma)
+        if self.prefilter_sigma > 0:
+            radius = max(1, int(math.ceil(3 * self.prefilter_sigma)))
+            r = torch.arange(-radius, radius + 1, dtype=torch.float32)
+            k = torch.exp(-(r ** 2) / (2 * self.prefilter_sigma ** 2))
+            self.register_buffer("blur_kernel", (k / k.sum()), persistent=False)
         self.stem = nn.Sequential(
             nn.Conv2d(3, c1, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),
@@ -88,6 +97,8 @@ class ImageTower(nn.Module):
         if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (self.image_size,) * 2:
             raise ValueError(f"expected normalised images [B, 3, {self.image_size}, {self.image_size}], "
                              f"got {tuple(pixels.shape)}")
+        if self.prefilter_sigma > 0:
+            pixels = gaussian_blur(pixels, self.blur_kernel)
         x = self.stem(pixels).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         x = self.ln_pre(x)
@@ -180,12 +191,23 @@ class WorldDualEncoder(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"world model weights not found: {path}")
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = payload["config"]
+        cfg = dict(payload["config"])
         cfg["stem_channels"] = tuple(cfg["stem_channels"])
+        cfg.setdefault("prefilter_sigma", 0.0)  # weights saved before the prefilter existed
         model = cls(WorldModelConfig(**cfg))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
         model.card = payload.get("card", {})
         return model.eval()
+
+
+def gaussian_blur(x: torch.Tensor, kernel_1d: torch.Tensor) -> torch.Tensor:
+    """Separable blur of BCHW images with a 1-D kernel, borders replicated."""
+    r = kernel_1d.numel() // 2
+    c = x.shape[1]
+    kx = kernel_1d.to(x.dtype).view(1, 1, 1, -1).expand(c, 1, 1, -1)
+    ky = kernel_1d.to(x.dtype).view(1, 1, -1, 1).expand(c, 1, -1, 1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kx, groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), ky, groups=c)
 
 
 def normalise_pixels(x: torch.Tensor) -> torch.Tensor:

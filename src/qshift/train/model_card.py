@@ -59,7 +59,8 @@ def render_card(card: dict, weights_name: str) -> str:
         "",
         "## Architecture",
         "",
-        f"- Image tower: conv stem (channels {mc['stem_channels']}, no normalisation) → {mc['image_size']} px input as "
+        f"- Image tower: fixed Gaussian low-pass (σ = {mc.get('prefilter_sigma', 0.0)} px; 0 = none) → "
+        f"conv stem (channels {mc['stem_channels']}, no normalisation) → {mc['image_size']} px input as "
         f"{(mc['image_size'] // 4 // mc['patch']) ** 2} tokens + CLS → `ln_pre` → {mc['image_depth']} pre-LN blocks "
         f"(width {mc['image_width']}, {mc['heads']} heads) → `ln_post` → linear to {mc['embed_dim']}-d.",
         f"- Text tower: each word is the mean of its hashed character n-gram embeddings (n = "

@@ -237,8 +237,9 @@ def _param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
 
 
 def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = None, out: str | Path | None = None,
-                      progress: bool = True, log=print) -> tuple[WorldDualEncoder, dict]:
+                      progress: bool = True, log=None) -> tuple[WorldDualEncoder, dict]:
     """Train a world dual encoder from scratch; returns the model and a training record."""
+    log = log or (lambda msg: print(msg, flush=True))
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     model = WorldDualEncoder(model_cfg or WorldModelConfig())

@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from qshift.bench import registry
+from qshift.data import world
+
+
+@pytest.fixture
+def small_world(monkeypatch, tmp_path):
+    """Registry tasks over a 40-image world, cached in a temporary folder."""
+    small = world.generate_world(seed=55, n_images=40, name="small-test")
+    monkeypatch.setattr(world, "load_split", lambda name: small if name == "test" else small.subset(20, "small-1k"))
+    monkeypatch.setenv("QSHIFT_CACHE", str(tmp_path / "cache"))
+    return small
+
+
+def test_names_are_unique_and_cover_every_shift():
+    names = registry.list_benchmarks()
+    assert len(names) == len(set(names))
+    assert sum(n.startswith("world-c/i2t/") for n in names) == 16 * 5
+    assert sum(n.startswith("world-c/t2i/") for n in names) == 11 * 7
+    assert {"world-qgs/outline/i2t", "world-style/passive/t2i", "world-mixed/i2t/c16-s5/interleaved",
+            "world-diverse/i2t/c8-s5/order0"} <= set(names)
+
+
+def test_unknown_names_get_a_suggestion():
+    with pytest.raises(ValueError, match="did you mean world-c/i2t/fog/5"):
+        registry.build_benchmark("world-c/i2t/fogg/5")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        registry.build_benchmark("world-c/i2t/fog/9")
+
+
+def test_corruption_task_and_cache(small_world, tmp_path):
+    task = registry.build_benchmark("world-c/i2t/brightness/3")
+    assert task.direction == "i2t" and task.query_modality == "image"
+    assert task.n_queries == 40 and len(task.gallery) == 200
+    q = task.query_sets[0]
+    assert q.domain == "brightness-3" and q.items.shape == (40, 96, 96, 3)
+    assert not np.array_equal(q.items, task.clean_queries.items)
+    cached = list((tmp_path / "cache").glob("corrupt-*.npy"))
+    assert len(cached) == 1
+    again = registry.build_benchmark("world-c/i2t/brightness/3")
+    np.testing.assert_array_equal(again.query_sets[0].items, q.items)
+    other_seed = registry.build_benchmark("world-c/i2t/brightness/3", shift_seed=1)
+    assert len(list((tmp_path / "cache").glob("corrupt-*.npy"))) == 2
+    assert other_seed.query_sets[0].items.shape == q.items.shape
+
+
+def test_text_style_and_qgs_tasks(small_world):
+    t = registry.build_benchmark("world-c/t2i/char_swap/6")
+    assert t.direction == "t2i" and t.n_queries == 200 and len(t.gallery) == 40
+    assert t.query_sets[0].items != small_world.captions
+    s = registry.build_benchmark("world-style/terse/t2i")
+    assert s.n_queries == 40 and ";" in s.query_sets[0].items[0] or "," in s.query_sets[0].items[0]
+    gi = registry.build_benchmark("world-style/formal/i2t")
+    assert len(gi.gallery) == 40 and gi.gallery[0].startswith("this illustration")
+    g = registry.build_benchmark("world-qgs/sketch/t2i")
+    assert g.gallery.shape == (40, 96, 96, 3)
+    assert g.gallery.mean() > 180  # paper background
+
+
+def test_mixed_and_diverse_streams(small_world):
+    m = registry.build_benchmark("world-mixed/t2i/char-l6/interleaved")
+    ids = np.concatenate([q.ids for q in m.query_sets])
+    assert len(ids) == 200 and len(m.query_sets) == 6
+    batches = list(m.stream(batch_size=32, seed=0))
+    assert sum(len(b) for b in batches) == 200
+    assert any(len(set(b.domains)) > 1 for b in batches)
+    d = registry.build_benchmark("world-diverse/t2i/char-l6/order1")
+    doms = [b.domains[0] for b in d.stream(batch_size=16)]
+    assert doms[0] == "char_delete-6" and doms[-1] == "keyboard-6"  # reversed order
+    assert d.clean_queries is not None and len(d.clean_queries) == 40
+
+
+def test_mixed_kind_diverse_streams(small_world):
+    i = registry.build_benchmark("world-diverse/i2t/mix8/order0")
+    assert [q.domain for q in i.query_sets] == list(registry.DIVERSE_I2T_MIX8)
+    assert all(len(q) == 20 for q in i.query_sets)
+    t = registry.build_benchmark("world-diverse/t2i/mix8/order2")
+    assert sorted(q.domain for q in t.query_sets) == sorted(registry.DIVERSE_T2I_MIX8)
+    assert all(len(q) == 20 for q in t.query_sets) and len(t.gallery) == 20
+    first_domain = next(iter(t.stream(batch_size=8))).domains[0]
+    assert first_domain == registry.DIVERSE_T2I_MIX8[t.domain_order[0]]
