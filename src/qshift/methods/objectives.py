@@ -84,27 +84,39 @@ class ReliableQueue:
     z: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     c: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     h: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    born: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # batch index of each entry
 
     def __len__(self) -> int:
         return int(self.s.numel())
 
     @torch.no_grad()
-    def push(self, z: torch.Tensor, c: torch.Tensor) -> None:
+    def push(self, z: torch.Tensor, c: torch.Tensor, batch_index: int = 0) -> None:
         z, c = z.detach(), c.detach()
         k = max(1, int(self.ratio * z.shape[0]))
         s = source_likeness(z, c)
         h = refined_entropy(z, c, self.tau)
         pick = torch.argsort(s)[:k]
+        born = torch.full((len(pick),), int(batch_index), dtype=torch.long)
         if len(self) == 0:
-            self.s, self.z, self.c, self.h = s[pick], z[pick], c[pick], h[pick]
+            self.s, self.z, self.c, self.h, self.born = s[pick], z[pick], c[pick], h[pick], born
         else:
             self.s = torch.cat([self.s.to(s.dtype), s[pick]])
             self.z = torch.cat([self.z.to(z.dtype), z[pick]])
             self.c = torch.cat([self.c.to(c.dtype), c[pick]])
             self.h = torch.cat([self.h.to(h.dtype), h[pick]])
+            self.born = torch.cat([self.born, born])
         if len(self) > self.capacity:
-            keep = torch.argsort(self.s, stable=True)[: self.capacity]
-            self.s, self.z, self.c, self.h = self.s[keep], self.z[keep], self.c[keep], self.h[keep]
+            self._keep(torch.argsort(self.s, stable=True)[: self.capacity])
+
+    def _keep(self, idx: torch.Tensor) -> None:
+        self.s, self.z, self.c, self.h, self.born = self.s[idx], self.z[idx], self.c[idx], self.h[idx], self.born[idx]
+
+    @torch.no_grad()
+    def drop_older_than(self, batch_index: int) -> None:
+        """Forget entries pushed before ``batch_index`` (the sliding-window policy)."""
+        keep = (self.born >= batch_index).nonzero().flatten()
+        if len(keep) < len(self):
+            self._keep(keep)
 
     def entropy_threshold(self, rule: str = "queue-max", quantile: float = 0.5) -> torch.Tensor:
         if len(self) == 0:
@@ -121,7 +133,7 @@ class ReliableQueue:
         return modality_gap(self.z, self.c)
 
     def state_dict(self) -> dict:
-        return {"s": self.s, "z": self.z, "c": self.c, "h": self.h}
+        return {"s": self.s, "z": self.z, "c": self.c, "h": self.h, "born": self.born}
 
     def load_state_dict(self, state: dict) -> None:
-        self.s, self.z, self.c, self.h = state["s"], state["z"], state["c"], state["h"]
+        self.s, self.z, self.c, self.h, self.born = state["s"], state["z"], state["c"], state["h"], state["born"]

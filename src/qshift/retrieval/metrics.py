@@ -76,3 +76,26 @@ def retrieval_metrics(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids
     out["mAP"] = 100.0 * torch.cat(aps).double().mean().item()
     out["R-mean"] = sum(out[f"R@{k}"] for k in ks) / len(ks)
     return out
+
+
+def per_query_ranks_and_ap(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor,
+                           chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's first-positive rank and average precision (for online scoring batch by batch)."""
+    query_ids, gallery_ids = torch.as_tensor(query_ids), torch.as_tensor(gallery_ids)
+    ranks, aps = [], []
+    for s in range(0, scores.shape[0], chunk):
+        block = scores[s:s + chunk].detach()
+        block = block if block.is_floating_point() else block.float()
+        ranks.append(first_positive_rank(block, query_ids[s:s + chunk], gallery_ids))
+        aps.append(average_precision(block, query_ids[s:s + chunk], gallery_ids))
+    return torch.cat(ranks), torch.cat(aps)
+
+
+def summarise(ranks: torch.Tensor, aps: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """Metrics from per-query ranks and APs (same keys as ``retrieval_metrics``)."""
+    if ranks.numel() == 0:
+        raise ValueError("no queries to summarise")
+    out = {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
+    out["mAP"] = 100.0 * aps.double().mean().item()
+    out["R-mean"] = sum(out[f"R@{k}"] for k in ks) / len(ks)
+    return out

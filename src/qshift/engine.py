@@ -1,0 +1,184 @@
+"""The online loop (METHOD.md §2): stream → score → adapt, one method against one frozen gallery.
+
+Each query is scored exactly once, when its batch arrives (``scoring`` picks which forward's
+similarities count).  The run records per-batch diagnostics, online metrics overall and per domain,
+forgetting probes for sequential streams, cost, and is saved as one JSON file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import qshift
+from qshift.methods import create
+from qshift.models.protocol import RetrievalModel
+from qshift.retrieval.encode import encode_batched
+from qshift.retrieval.metrics import per_query_ranks_and_ap, summarise
+
+RESETS = ("never", "episodic", "reset_each_domain")
+#: METHOD.md §2 learning rates by query modality (BLIP text queries use 3e-5: pass lr explicitly)
+DEFAULT_LR = {"image": 3e-4, "text": 3e-4}
+
+
+@dataclass
+class RunConfig:
+    """The protocol knobs of one online run."""
+
+    method: str = "source"
+    batch_size: int = 64
+    steps: int = 3
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    scoring: str = "tcr"
+    reset: str = "never"
+    seed: int = 0
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass
+class RunResult:
+    benchmark: str
+    direction: str
+    config: dict
+    metrics: dict[str, float]
+    per_domain: dict[str, dict[str, float]]
+    source_clean: dict[str, float] | None
+    forgetting: dict[str, Any] | None
+    batches: list[dict]
+    n_queries: int
+    n_gallery: int
+    params_adapted: int
+    params_total: int
+    seconds: float
+    peak_rss_mb: float
+    environment: dict
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (no half-written result files)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.as_json(), indent=1, default=_jsonable))
+        tmp.replace(path)
+        return path
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return str(x)
+
+
+def environment() -> dict:
+    return {"qshift": qshift.__version__, "torch": str(torch.__version__), "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _count(model: RetrievalModel) -> tuple[int, int]:
+    adapted = sum(p.numel() for _, p in model.adaptable_parameters())
+    tower = getattr(model, "query_tower", None)
+    total = sum(p.numel() for p in tower().parameters()) if callable(tower) else adapted
+    return adapted, total
+
+
+@torch.no_grad()
+def _probe(method, queries, gallery_ids, batch_size: int = 256) -> dict[str, float]:
+    """Metrics of the method's current parameters on ``queries`` without adapting."""
+    scores = encode_batched(method.scores, queries.items, batch_size)
+    ranks, aps = per_query_ranks_and_ap(scores, torch.as_tensor(queries.ids), gallery_ids)
+    return summarise(ranks, aps)
+
+
+def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = True) -> RunResult:
+    """Run ``cfg.method`` over ``task``'s stream (a registry task) and return the result."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    gallery_ids = torch.as_tensor(task.gallery_ids)
+    gallery = encode_batched(model.encode_gallery, task.gallery, 256, desc="gallery", progress=False)
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(model.query_modality, 3e-4)
+    method = create(cfg.method, model, gallery, steps=cfg.steps, lr=lr, weight_decay=cfg.weight_decay,
+                    scoring=cfg.scoring, gallery_ids=gallery_ids, **cfg.method_options)
+    stream = task.stream(batch_size=cfg.batch_size, seed=cfg.seed)
+    sequential = stream.kind == "sequential"
+    clean = getattr(task, "clean_queries", None)
+    source_clean = _probe(method, clean, gallery_ids) if (clean is not None and sequential) else None
+    first_domain_set = None
+    ranks, aps, domains, batches = [], [], [], []
+    forgetting_curve = []
+    prev_domain = None
+    for batch in tqdm(stream, total=len(stream), desc=f"{cfg.method} on {task.name}", disable=not progress):
+        dom = batch.domains[0]
+        if sequential and prev_domain is not None and dom != prev_domain:
+            if source_clean is not None:
+                forgetting_curve.append({"after": prev_domain, **_delta(_probe(method, clean, gallery_ids), source_clean)})
+            if cfg.reset == "reset_each_domain":
+                method.reset()
+        if cfg.reset == "episodic":
+            method.reset()
+        if first_domain_set is None:
+            first_domain_set = task.query_sets[int(batch.set_index[0])]
+        prev_domain = dom
+        labels = torch.as_tensor(batch.ids)
+        scores, rec = method.adapt_batch(batch.items, labels=labels if method.uses_labels else None)
+        r, a = per_query_ranks_and_ap(scores, labels, gallery_ids)
+        ranks.append(r)
+        aps.append(a)
+        domains.extend(batch.domains)
+        rec["batch"] = batch.index
+        rec["domain"] = dom
+        rec["size"] = len(batch)
+        rec["R@1"] = 100.0 * float((r < 1).double().mean())
+        batches.append(rec)
+    ranks_t, aps_t = torch.cat(ranks), torch.cat(aps)
+    metrics = summarise(ranks_t, aps_t)
+    dom_arr = np.asarray(domains)
+    per_domain = {}
+    for d in dict.fromkeys(domains):
+        sel = torch.as_tensor(dom_arr == d)
+        per_domain[d] = summarise(ranks_t[sel], aps_t[sel])
+    forgetting = None
+    if source_clean is not None:
+        after = _probe(method, clean, gallery_ids)
+        forgetting_curve.append({"after": prev_domain, **_delta(after, source_clean)})
+        first_after = _probe(method, first_domain_set, gallery_ids)
+        forgetting = {"clean_after": after, "clean_source": source_clean, "clean_delta_R@1": after["R@1"] - source_clean["R@1"],
+                      "first_domain": first_domain_set.domain, "first_domain_after": first_after,
+                      "first_domain_online": per_domain[first_domain_set.domain], "curve": forgetting_curve}
+    adapted, total = _count(model)
+    return RunResult(
+        benchmark=task.name, direction=task.direction,
+        config={**asdict(cfg), "lr": lr}, metrics=metrics, per_domain=per_domain,
+        source_clean=source_clean, forgetting=forgetting, batches=batches,
+        n_queries=int(ranks_t.numel()), n_gallery=int(len(gallery_ids)),
+        params_adapted=adapted if method.adapts else 0, params_total=total,
+        seconds=time.perf_counter() - t0,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, environment=environment())
+
+
+def _delta(now: dict[str, float], ref: dict[str, float]) -> dict[str, float]:
+    return {"R@1": now["R@1"], "delta_R@1": now["R@1"] - ref["R@1"]}

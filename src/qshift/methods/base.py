@@ -1,0 +1,198 @@
+"""The Method base class and registry: a method holds its state and its loss, the base the lifecycle.
+
+The base class chooses the adapted parameters (the model's ``adaptable_parameters()`` rule), builds
+the optimizer, snapshots the source parameters (for resets and for REST's anchor), runs the inner
+steps on each batch and returns the batch's online scores.  A method implements ``loss`` (and, for
+REST, ``gradients``).  Protocol concerns — streams, resets at domain boundaries, metrics — live in
+``qshift.engine``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from qshift.models.protocol import RetrievalModel
+
+SCORING_MODES = ("pre", "tcr", "post")
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(name: str) -> Callable[[type["Method"]], type["Method"]]:
+    """Class decorator: make a method available as ``create(name, ...)``."""
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, model: RetrievalModel, gallery: torch.Tensor, **config: Any) -> "Method":
+    """Build method ``name`` for ``model`` against the frozen, normalised ``gallery`` [N, d]."""
+    import qshift.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    return _REGISTRY[name](model, gallery, **config)
+
+
+@dataclass
+class StepOutput:
+    """What a method's ``loss`` returns for one inner step."""
+
+    loss: torch.Tensor | None
+    logs: dict[str, float] = field(default_factory=dict)
+    z: torch.Tensor | None = None  # the step's query embeddings (kept for REST's batched backward)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Base class: online adaptation of the query tower's adaptable parameters, batch by batch."""
+
+    name: ClassVar[str] = "base"
+    adapts: ClassVar[bool] = True
+    uses_labels: ClassVar[bool] = False
+
+    def __init__(self, model: RetrievalModel, gallery: torch.Tensor, *, steps: int = 3, lr: float = 3e-4,
+                 weight_decay: float = 1e-4, scoring: str = "tcr", gallery_ids: torch.Tensor | None = None,
+                 optimizer: str = "adamw", momentum: float = 0.9, **options: Any) -> None:
+        if scoring not in SCORING_MODES:
+            raise ValueError(f"scoring must be one of {SCORING_MODES}, got {scoring!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if gallery.ndim != 2:
+            raise ValueError(f"gallery must be [N, d] embeddings, got shape {tuple(gallery.shape)}")
+        unknown = set(options) - set(self.option_names())
+        if unknown:
+            raise ValueError(f"unknown option(s) for method {self.name!r}: {sorted(unknown)}; "
+                             f"known: {sorted(self.option_names())}")
+        self.model = model
+        self.gallery = gallery.detach()
+        self.gallery_ids = None if gallery_ids is None else torch.as_tensor(gallery_ids)
+        self.steps, self.lr, self.weight_decay, self.scoring = steps, lr, weight_decay, scoring
+        self.named_params = list(model.adaptable_parameters())
+        self.params = [p for _, p in self.named_params]
+        if self.adapts and not self.params:
+            raise ValueError("the model exposes no adaptable parameters")
+        self.source_state = [p.detach().clone() for p in self.params]
+        self.optimizer_name, self.momentum = optimizer, momentum
+        self.optimizer = self._make_optimizer()
+        self.options = options
+        self.batches_seen = 0
+        self.setup(**options)
+
+    # ---------------------------------------------------------------- hooks for subclasses
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """Method-specific keyword options accepted by ``setup``."""
+        return ()
+
+    def setup(self, **options: Any) -> None:
+        """Method-specific state (called once, and again by ``reset``)."""
+
+    def loss(self, z: torch.Tensor, sims: torch.Tensor, step: int, labels: torch.Tensor | None) -> StepOutput:
+        raise NotImplementedError
+
+    def gradients(self, out: StepOutput) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Gradients of the step's loss w.r.t. the adapted parameters (REST overrides this)."""
+        grads = torch.autograd.grad(out.loss, self.params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)], {}
+
+    def on_batch_start(self, items: Any) -> None:
+        """Called once per batch before the first inner step."""
+
+    # ---------------------------------------------------------------- lifecycle
+    def _make_optimizer(self) -> torch.optim.Optimizer | None:
+        if not self.params:
+            return None
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        raise ValueError(f"unknown optimizer {self.optimizer_name!r}; expected 'adamw' or 'sgd'")
+
+    def scores(self, items: Any) -> torch.Tensor:
+        """Query–gallery similarities of ``items`` under the current parameters (no adaptation)."""
+        with torch.no_grad():
+            return self.model.encode_query(items) @ self.gallery.T
+
+    def adapt_batch(self, items: Any, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """Run the inner steps on one batch; return its online scores [B, N] and a record."""
+        if self.uses_labels and labels is None:
+            raise ValueError(f"method {self.name!r} needs the batch's labels")
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"steps": []}
+        scores = None
+        if not self.adapts:
+            scores = self.scores(items)
+        else:
+            self.on_batch_start(items)
+            for step in range(self.steps):
+                z = self.model.encode_query(items)
+                sims = z @ self.gallery.T
+                if (self.scoring == "pre" and step == 0) or (self.scoring == "tcr" and step == self.steps - 1):
+                    scores = sims.detach()
+                out = self.loss(z, sims, step, labels)
+                if out.loss is not None and not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"{self.name}: non-finite loss at batch {self.batches_seen}, step {step}")
+                logs = dict(out.logs)
+                if out.loss is not None:
+                    grads, glogs = self.gradients(out)
+                    logs.update(glogs)
+                    for p, g in zip(self.params, grads):
+                        p.grad = g.detach()
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    logs["loss"] = float(out.loss.detach())
+                record["steps"].append(logs)
+            if self.scoring == "post":
+                scores = self.scores(items)
+        self.batches_seen += 1
+        record["seconds"] = time.perf_counter() - t0
+        return scores, record
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restore the source parameters exactly, and fresh optimizer and method state."""
+        for p, s in zip(self.params, self.source_state):
+            p.copy_(s)
+        self.optimizer = self._make_optimizer()
+        self.batches_seen = 0
+        self.setup(**self.options)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"name": self.name, "params": [p.detach().clone() for p in self.params],
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "batches_seen": self.batches_seen, "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state is for method {state.get('name')!r}, not {self.name!r}")
+        with torch.no_grad():
+            for p, v in zip(self.params, state["params"], strict=True):
+                p.copy_(v)
+        if self.optimizer and state["optimizer"]:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.batches_seen = state["batches_seen"]
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    @torch.no_grad()
+    def parameter_drift(self) -> float:
+        """‖θ − θ₀‖ over the adapted parameters."""
+        return float(torch.sqrt(sum(((p - s) ** 2).sum() for p, s in zip(self.params, self.source_state))))
