@@ -1,0 +1,183 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from qshift.data import world
+from qshift.data.streams import QuerySet
+from qshift.engine import RunConfig, run_online
+from qshift.methods import available_methods, create
+from qshift.methods.objectives import ReliableQueue, gap_loss, rem_loss, rem_weights, uniformity_loss
+from qshift.methods.rest import project_conflict
+from qshift.models.world_model import WorldRetrievalModel
+
+
+@pytest.fixture
+def setup(tiny_model):
+    split = world.generate_world(seed=8, n_images=24)
+    rm = WorldRetrievalModel(tiny_model, "image")
+    gallery = rm.encode_gallery(split.captions)
+    return rm, gallery, split
+
+
+def test_registry_lists_methods_and_rejects_bad_options(setup):
+    rm, g, _ = setup
+    assert {"source", "tent", "tcr", "rest", "oracle"} <= set(available_methods())
+    with pytest.raises(ValueError, match="unknown method"):
+        create("magic", rm, g)
+    with pytest.raises(ValueError, match="unknown option"):
+        create("tcr", rm, g, lambda_zz=1)
+    with pytest.raises(ValueError, match="scoring"):
+        create("tent", rm, g, scoring="later")
+
+
+@pytest.mark.parametrize("name", ["tent", "tcr", "rest"])
+def test_only_query_tower_layernorms_change(setup, name):
+    rm, g, split = setup
+    before = {k: v.clone() for k, v in rm.encoder.state_dict().items()}
+    g_before = g.clone()
+    m = create(name, rm, g, lr=1e-2, gallery_ids=torch.as_tensor(split.caption_image))
+    m.adapt_batch(split.images()[:16])
+    adaptable = {n for n, _ in rm.adaptable_parameters()}
+    changed = {k for k, v in rm.encoder.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= adaptable, changed - adaptable
+    torch.testing.assert_close(rm.encode_gallery(split.captions), g_before)  # gallery tower untouched
+    assert torch.equal(m.gallery, g_before)
+
+
+def test_reset_restores_source_exactly(setup):
+    rm, g, split = setup
+    before = {k: v.clone() for k, v in rm.encoder.state_dict().items()}
+    m = create("tcr", rm, g, lr=1e-2)
+    m.adapt_batch(split.images()[:16])
+    assert m.parameter_drift() > 0
+    m.reset()
+    assert all(torch.equal(v, before[k]) for k, v in rm.encoder.state_dict().items())
+    assert len(m.queue) == 0 and m.batches_seen == 0
+
+
+def test_scoring_modes_use_the_forward_they_claim(setup):
+    rm, g, split = setup
+    x = split.images()[:16]
+    with torch.no_grad():
+        s0 = rm.encode_query(x) @ g.T
+    pre = create("tent", rm, g, lr=5e-2, scoring="pre")
+    sp, _ = pre.adapt_batch(x)
+    torch.testing.assert_close(sp, s0)
+    pre.reset()
+    post = create("tent", rm, g, lr=5e-2, scoring="post")
+    s_post, _ = post.adapt_batch(x)
+    torch.testing.assert_close(s_post, post.scores(x))
+    post.reset()
+    tcr_mode = create("tent", rm, g, lr=5e-2, scoring="tcr", steps=3)
+    s_tcr, _ = tcr_mode.adapt_batch(x)
+    assert not torch.allclose(s_tcr, s0) and not torch.allclose(s_tcr, tcr_mode.scores(x))
+    # "tcr" = the forward of the last inner step, i.e. after steps-1 updates: replay 2 steps by hand
+    tcr_mode.reset()
+    replay = create("tent", rm, g, lr=5e-2, scoring="pre", steps=2)
+    replay.adapt_batch(x)
+    torch.testing.assert_close(s_tcr, replay.scores(x))
+
+
+def test_queue_keeps_the_smallest_scores():
+    q = ReliableQueue(capacity=3, ratio=0.5, tau=0.02)
+    c = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), dim=1)
+    z1 = torch.nn.functional.normalize(torch.tensor([[1.0, 0.05], [0.0, 1.0], [0.2, 1.0], [1.0, 1.0]]), dim=1)
+    q.push(z1, c, batch_index=0)
+    assert len(q) == 2  # ⌊0.5·4⌋ pairs with the smallest s
+    s_all = (2 * (z1 - c).norm(dim=1) - (z1 - z1.mean(0)).norm(dim=1) - (c - c.mean(0)).norm(dim=1))
+    assert sorted(q.s.tolist()) == pytest.approx(sorted(s_all.sort().values[:2].tolist()))
+    q.push(z1, c, batch_index=1)
+    assert len(q) == 3 and (q.s <= s_all.sort().values[1] + 1e-6).all()
+    q.drop_older_than(1)
+    assert set(q.born.tolist()) == {1}
+
+
+def test_rem_weights_and_the_zero_reliable_case():
+    h = torch.tensor([0.1, 0.5, 2.0], requires_grad=True)
+    w = rem_weights(h, torch.tensor(1.0))
+    assert w.tolist() == pytest.approx([1 - 0.1 / 1.001, 1 - 0.5 / 1.001, 0.0])
+    loss, mask = rem_loss(h, torch.tensor(1.0))
+    assert mask.tolist() == [True, True, False]
+    assert float(loss.detach()) == pytest.approx((0.1 * w[0] + 0.5 * w[1]).item() / 2)
+    none, mask = rem_loss(h, torch.tensor(0.01))
+    assert float(none.detach()) == 0.0 and not mask.any()
+    (g,) = torch.autograd.grad(none, h)
+    assert torch.isfinite(g).all()
+
+
+def test_uniformity_and_gap_by_hand():
+    z = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert float(uniformity_loss(z, t=0.1)) == pytest.approx(math.exp(-0.1))
+    c = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    # mean(z) = 0, mean(c) = (0, 1): gap 1
+    assert float(gap_loss(z, c, 0.25)) == pytest.approx(0.75 ** 2)
+
+
+def test_projection_removes_conflict_and_leaves_agreement_alone():
+    spec = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
+    gen = [torch.tensor([-1.0, 1.0]), torch.tensor([0.0])]
+    out, logs = project_conflict(spec, gen)
+    flat = torch.cat([o.flatten() for o in out])
+    assert float(flat @ torch.tensor([-1.0, 1.0, 0.0])) >= -1e-7
+    assert logs["fired"] == 1 and logs["angle_before"] > 90 and logs["angle_after"] == pytest.approx(90)
+    agree = [torch.tensor([1.0, 2.0]), torch.tensor([2.0])]
+    out2, logs2 = project_conflict(agree, gen)
+    assert logs2["fired"] == 0 and all(torch.equal(a, b) for a, b in zip(out2, agree))
+    always, _ = project_conflict(agree, gen, mode="always")
+    assert not torch.equal(always[0], agree[0])
+
+
+def test_batched_double_gradient_equals_two_backward_passes(setup):
+    rm, g, split = setup
+    x = split.images()[:8]
+    m = create("rest", rm, g, gallery_ids=torch.as_tensor(split.caption_image))
+    z = rm.encode_query(x)
+    cot = torch.randn(2, *z.shape)
+    batched = m._vjp(z, cot)
+    z2 = rm.encode_query(x)
+    m.batched_backward = False
+    separate = m._vjp(z2, cot)
+    for a, b in zip(batched, separate):
+        for ga, gb in zip(a, b):
+            torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4)
+
+
+def _task(split, rm):
+    class Task:
+        name, direction = "tiny", "i2t"
+        query_sets = [QuerySet("d1", split.images()[:12], np.arange(12)),
+                      QuerySet("d2", split.images()[12:24], np.arange(12, 24))]
+        gallery, gallery_ids = split.captions, np.asarray(split.caption_image)
+        clean_queries = QuerySet("clean", split.images(), np.arange(24))
+
+        def stream(self, batch_size, seed):
+            from qshift.data.streams import sequential_stream
+            return sequential_stream(self.query_sets, batch_size, seed)
+    return Task()
+
+
+def test_same_seed_same_result_and_forgetting_is_reported(setup, tiny_model):
+    rm, g, split = setup
+    runs = []
+    for _ in range(2):
+        fresh = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+        res = run_online(rm, _task(split, rm), RunConfig(method="tcr", batch_size=8, lr=1e-2), progress=False)
+        tiny_model.load_state_dict(fresh)
+        runs.append(res)
+    assert runs[0].metrics == runs[1].metrics
+    assert [b["R@1"] for b in runs[0].batches] == [b["R@1"] for b in runs[1].batches]
+    r = runs[0]
+    assert r.n_queries == 24 and set(r.per_domain) == {"d1", "d2"}
+    assert r.forgetting is not None and r.forgetting["first_domain"] == "d1"
+    assert len(r.forgetting["curve"]) == 2 and 0 < r.params_adapted < r.params_total
+
+
+def test_oracle_needs_labels(setup):
+    rm, g, split = setup
+    m = create("oracle", rm, g, gallery_ids=torch.as_tensor(split.caption_image))
+    with pytest.raises(ValueError, match="labels"):
+        m.adapt_batch(split.images()[:4])
+    scores, rec = m.adapt_batch(split.images()[:4], labels=torch.arange(4))
+    assert scores.shape == (4, len(split.captions))
