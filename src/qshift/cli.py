@@ -106,6 +106,77 @@ def _print_rows(rows, title: str, t0: float) -> None:
     console.print(f"[dim]{time.time() - t0:.1f}s · recalls and mAP in percent · any-positive Recall@K[/dim]")
 
 
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+@app.command("run")
+def run_cmd(
+    method: Annotated[str, typer.Option(help="Method name (source, tent, tcr, rest, oracle, …).")],
+    benchmark: Annotated[str, typer.Option(help="A registered benchmark (`qshift shifts list`).")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a protocol knob or method option: key=value (repeatable). Protocol keys: "
+                      "batch_size, steps, lr, weight_decay, scoring, reset, seed; anything else goes to the method.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the run's result JSON.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="World-model weights (default: the shipped model).")] = None,
+    shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
+) -> None:
+    """Run one method online over one benchmark stream and report online R@1/5/10 and mAP."""
+    from dataclasses import fields
+
+    from qshift.bench.registry import build_benchmark
+    from qshift.engine import RunConfig, run_online
+    from qshift.models.world_model import WorldRetrievalModel, load_world_model
+
+    protocol = {f.name for f in fields(RunConfig)} - {"method", "method_options"}
+    cfg = RunConfig(method=method)
+    for item in set_ or []:
+        if "=" not in item:
+            err.print(f"[red]error:[/red] --set expects key=value, got {item!r}")
+            raise typer.Exit(2)
+        key, value = item.split("=", 1)
+        if key in protocol:
+            setattr(cfg, key, _parse_value(value))
+        else:
+            cfg.method_options[key] = _parse_value(value)
+    try:
+        task = build_benchmark(benchmark, shift_seed=shift_seed, progress=not as_json)
+        model = WorldRetrievalModel(load_world_model(weights), task.query_modality)
+        result = run_online(model, task, cfg, progress=not as_json)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    if out is not None:
+        name = f"{benchmark.replace('/', '__')}__{method}__seed{cfg.seed}.json"
+        path = result.save(out / name)
+        if not as_json:
+            console.print(f"result: {path}")
+    row = {"benchmark": benchmark, "direction": task.direction, "method": method,
+           "metrics": {k: round(result.metrics[k], 4) for k in ("R@1", "R@5", "R@10", "mAP")},
+           "n_queries": result.n_queries, "n_gallery": result.n_gallery}
+    if result.forgetting is not None:
+        row["forgetting"] = {"clean_delta_R@1": round(result.forgetting["clean_delta_R@1"], 4),
+                             "first_domain_delta_R@1": round(result.forgetting["first_domain_delta_R@1"], 4)}
+    if as_json:
+        typer.echo(json.dumps(row))
+        return
+    table = Table(title=f"{method} on {benchmark} (online, {result.seconds:.0f}s)")
+    for col in ("domain", "R@1", "R@5", "R@10", "mAP"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for dom, m in list(result.per_domain.items()) + [("all", result.metrics)]:
+        table.add_row(dom, *(f"{m[k]:.1f}" for k in ("R@1", "R@5", "R@10", "mAP")))
+    console.print(table)
+    if result.forgetting is not None:
+        f = result.forgetting
+        console.print(f"forgetting: clean R@1 {f['clean_source']['R@1']:.1f} → {f['clean_after']['R@1']:.1f} "
+                      f"({f['clean_delta_R@1']:+.1f}); first domain ({f['first_domain']}) source "
+                      f"{f['first_domain_source']['R@1']:.1f} → re-scored {f['first_domain_after']['R@1']:.1f} "
+                      f"({f['first_domain_delta_R@1']:+.1f})")
+
+
 shifts_app = typer.Typer(no_args_is_help=True, help="List and preview the query shifts and benchmarks.")
 app.add_typer(shifts_app, name="shifts")
 

@@ -127,7 +127,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     sequential = stream.kind == "sequential"
     clean = getattr(task, "clean_queries", None)
     source_clean = _probe(method, clean, gallery_ids) if (clean is not None and sequential) else None
-    first_domain_set = None
+    first_domain_set = task.query_sets[int(stream.order[0, 0])]
+    source_first = _probe(method, first_domain_set, gallery_ids) if sequential else None
     ranks, aps, domains, batches = [], [], [], []
     forgetting_curve = []
     prev_domain = None
@@ -140,8 +141,6 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
                 method.reset()
         if cfg.reset == "episodic":
             method.reset()
-        if first_domain_set is None:
-            first_domain_set = task.query_sets[int(batch.set_index[0])]
         prev_domain = dom
         labels = torch.as_tensor(batch.ids)
         scores, rec = method.adapt_batch(batch.items, labels=labels if method.uses_labels else None)
@@ -168,6 +167,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         first_after = _probe(method, first_domain_set, gallery_ids)
         forgetting = {"clean_after": after, "clean_source": source_clean, "clean_delta_R@1": after["R@1"] - source_clean["R@1"],
                       "first_domain": first_domain_set.domain, "first_domain_after": first_after,
+                      "first_domain_source": source_first,
+                      "first_domain_delta_R@1": first_after["R@1"] - source_first["R@1"],
                       "first_domain_online": per_domain[first_domain_set.domain], "curve": forgetting_curve}
     adapted, total = _count(model)
     return RunResult(
