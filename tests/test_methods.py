@@ -181,3 +181,33 @@ def test_oracle_needs_labels(setup):
         m.adapt_batch(split.images()[:4])
     scores, rec = m.adapt_batch(split.images()[:4], labels=torch.arange(4))
     assert scores.shape == (4, len(split.captions))
+
+
+def test_sar_resets_when_its_loss_ema_collapses(setup):
+    rm, g, split = setup
+    m = create("sar", rm, g, lr=1e-2, reset_below=1e9)  # any loss counts as collapsed
+    _, rec = m.adapt_batch(split.images()[:16])
+    assert rec["reset"] and m.resets == 1
+    assert m.parameter_drift() == 0.0
+    keep = create("sar", rm, g, lr=1e-2, reset_below=-1.0)
+    _, rec = keep.adapt_batch(split.images()[:16])
+    assert "reset" not in rec and keep.parameter_drift() > 0
+
+
+def test_eta_skips_unreliable_queries_and_eata_anchors(setup):
+    rm, g, split = setup
+    m = create("eta", rm, g, lr=1e-2, e_margin=1e-6)  # nothing is reliable enough
+    _, rec = m.adapt_batch(split.images()[:16])
+    assert all(s["kept"] == 0 for s in rec["steps"]) and m.parameter_drift() == 0.0
+    m.reset()
+    e = create("eata", rm, g, lr=1e-2, fisher_items=split.images()[16:24])
+    assert e.fisher is not None and any(float(f.sum()) > 0 for f in e.fisher)
+    e.adapt_batch(split.images()[:16])
+    assert e.parameter_drift() > 0
+
+
+def test_shot_im_runs_and_changes_parameters(setup):
+    rm, g, split = setup
+    m = create("shot-im", rm, g, lr=1e-2)
+    _, rec = m.adapt_batch(split.images()[:16])
+    assert "diversity" in rec["steps"][0] and m.parameter_drift() > 0

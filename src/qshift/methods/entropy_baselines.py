@@ -1,0 +1,161 @@
+"""Entropy-based TTA baselines on the N-way gallery softmax: ETA / EATA, SAR, SHOT-IM (METHOD.md §6)."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from qshift.methods.base import Method, StepOutput, register
+from qshift.methods.objectives import softmax_entropy
+
+log = logging.getLogger(__name__)
+
+
+def _margin(e_margin: float, n: int) -> float:
+    """e_margin given as a fraction (< 1.0 → fraction of ln N) or as an absolute entropy."""
+    return e_margin * math.log(n) if e_margin < 1.0 else e_margin
+
+
+@register("eta")
+class ETA(Method):
+    """ETA (Niu et al., ICML 2022): entropy of reliable, non-redundant queries, weighted by exp(E0 − H)."""
+
+    @classmethod
+    def option_names(cls):
+        return ("temperature", "e_margin", "d_margin", "fisher_items", "fisher_alpha")
+
+    def setup(self, temperature: float = 0.01, e_margin: float = 0.4, d_margin: float = 0.05,
+              fisher_items=None, fisher_alpha: float = 2000.0) -> None:
+        self.temperature, self.d_margin = temperature, d_margin
+        self.e0 = _margin(e_margin, self.gallery.shape[0])
+        self.mean_probs: torch.Tensor | None = None
+        self.fisher: list[torch.Tensor] | None = None
+        self.fisher_alpha = fisher_alpha
+        if fisher_items is not None:
+            self.fisher = self._fisher(fisher_items)
+
+    def _fisher(self, items) -> list[torch.Tensor]:
+        """Diagonal Fisher of the entropy loss on clean queries (EATA's anti-forgetting weights)."""
+        z = self.model.encode_query(items)
+        h = softmax_entropy(z @ self.gallery.T / self.temperature).mean()
+        grads = torch.autograd.grad(h, self.params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g.detach() ** 2 for p, g in zip(self.params, grads)]
+
+    def loss(self, z, sims, step, labels):
+        logits = sims / self.temperature
+        h = softmax_entropy(logits)
+        keep = h.detach() < self.e0
+        probs = logits.softmax(1).detach()
+        if self.mean_probs is not None and bool(keep.any()):
+            cos = F.cosine_similarity(self.mean_probs[None, :], probs, dim=1)
+            keep = keep & (cos.abs() < 1 - self.d_margin)
+        logs = {"kept": int(keep.sum()), "entropy": float(h.mean().detach())}
+        reg = None
+        if self.fisher is not None:
+            reg = self.fisher_alpha * sum((f * (p - s) ** 2).sum()
+                                          for f, p, s in zip(self.fisher, self.params, self.source_state))
+        if not bool(keep.any()):
+            return StepOutput(reg if reg is not None else None, logs)
+        if step == 0:
+            new = probs[keep].mean(0)
+            self.mean_probs = new if self.mean_probs is None else 0.9 * self.mean_probs + 0.1 * new
+        w = torch.exp(self.e0 - h.detach())
+        loss = (h * w)[keep].mean()
+        return StepOutput(loss if reg is None else loss + reg, logs)
+
+
+@register("eata")
+class EATA(ETA):
+    """EATA: ETA plus a Fisher-weighted anchor to the source parameters (``fisher_items`` = clean
+    queries); without clean queries it is ETA, and says so in the log."""
+
+    def setup(self, **options) -> None:
+        super().setup(**options)
+        if self.fisher is None:
+            log.warning("eata: no clean queries given (fisher_items); running as ETA")
+
+
+@register("shot-im")
+class ShotIM(Method):
+    """SHOT-IM (Liang et al., ICML 2020): mean entropy minus the entropy of the mean prediction."""
+
+    @classmethod
+    def option_names(cls):
+        return ("temperature", "diversity_weight")
+
+    def setup(self, temperature: float = 0.01, diversity_weight: float = 1.0) -> None:
+        self.temperature, self.diversity_weight = temperature, diversity_weight
+
+    def loss(self, z, sims, step, labels):
+        p = (sims / self.temperature).softmax(1)
+        ent = softmax_entropy(sims / self.temperature).mean()
+        mean_p = p.mean(0)
+        div = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
+        return StepOutput(ent - self.diversity_weight * div, {"entropy": float(ent.detach()), "diversity": float(div.detach())})
+
+
+@register("sar")
+class SAR(Method):
+    """SAR (Niu et al., ICLR 2023): entropy of the lowest-entropy 40 % of queries, a sharpness-aware
+    (SAM) step, and a reset to the source model when the EMA of the loss falls below 0.2."""
+
+    @classmethod
+    def option_names(cls):
+        return ("temperature", "keep_fraction", "rho", "reset_below", "ema")
+
+    def setup(self, temperature: float = 0.01, keep_fraction: float = 0.4, rho: float = 0.05,
+              reset_below: float = 0.2, ema: float = 0.9) -> None:
+        self.temperature, self.keep_fraction, self.rho = temperature, keep_fraction, rho
+        self.reset_below, self.ema_rate = reset_below, ema
+        self.loss_ema: float | None = None
+        self.resets = getattr(self, "resets", 0)
+        self._items = None
+
+    def on_batch_start(self, items) -> None:
+        self._items = items
+
+    def _selected_loss(self, z, keep=None):
+        h = softmax_entropy(z @ self.gallery.T / self.temperature)
+        if keep is None:
+            k = max(1, int(math.ceil(self.keep_fraction * len(h))))
+            keep = torch.argsort(h.detach())[:k]
+        return h[keep].mean(), keep
+
+    def loss(self, z, sims, step, labels):
+        loss, keep = self._selected_loss(z)
+        self._keep = keep
+        return StepOutput(loss, {"entropy": float(loss.detach()), "kept": int(len(keep))}, z=z)
+
+    def gradients(self, out):
+        # SAM: ascend to θ + ρ·g/‖g‖, take the gradient there, come back
+        g1 = torch.autograd.grad(out.loss, self.params, allow_unused=True)
+        g1 = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, g1)]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in g1)) + 1e-12
+        eps = [self.rho * g / norm for g in g1]
+        with torch.no_grad():
+            for p, e in zip(self.params, eps):
+                p.add_(e)
+        try:
+            z2 = self.model.encode_query(self._items)
+            loss2, _ = self._selected_loss(z2, self._keep)
+            g2 = torch.autograd.grad(loss2, self.params, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for p, e in zip(self.params, eps):
+                    p.sub_(e)
+        value = float(loss2.detach())
+        self.loss_ema = value if self.loss_ema is None else self.ema_rate * self.loss_ema + (1 - self.ema_rate) * value
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, g2)], {"sam_loss": value,
+                                                                                               "loss_ema": self.loss_ema}
+
+    def adapt_batch(self, items, labels=None):
+        scores, record = super().adapt_batch(items, labels)
+        if self.loss_ema is not None and self.loss_ema < self.reset_below:
+            resets = self.resets + 1
+            self.reset()
+            self.resets = resets
+            record["reset"] = True
+        record["resets"] = self.resets
+        return scores, record
