@@ -211,3 +211,22 @@ def test_shot_im_runs_and_changes_parameters(setup):
     m = create("shot-im", rm, g, lr=1e-2)
     _, rec = m.adapt_batch(split.images()[:16])
     assert "diversity" in rec["steps"][0] and m.parameter_drift() > 0
+
+
+def test_embedding_diagnostics_by_hand():
+    from qshift.bench.diagnose import embedding_diagnostics
+    zq = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    zg = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = embedding_diagnostics(zq, zg)
+    # nearest gallery: 0, 1, 1; nearest query of gallery 0 is 0, of gallery 1 is 1 → 2 of 3 mutual
+    assert d["consistency"] == pytest.approx(2 / 3)
+    assert d["gap"] == pytest.approx(float((zq.mean(0) - zg.mean(0)).norm()))
+    assert d["top1_similarity"] == pytest.approx((1 + 1 + 0.8) / 3)
+    assert d["uniformity"] == pytest.approx(float((zq - zq.mean(0)).norm(dim=1).mean()))
+
+
+def test_gradient_angle_is_an_angle(setup):
+    from qshift.bench.diagnose import gradient_angle
+    rm, g, split = setup
+    a = gradient_angle(rm, g, torch.as_tensor(split.caption_image), split.images(), batch_size=12, n_batches=2)
+    assert 0.0 <= a["angle_deg"] <= 180.0 and a["n_batches"] == 2

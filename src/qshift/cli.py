@@ -177,6 +177,37 @@ def run_cmd(
                       f"({f['first_domain_delta_R@1']:+.1f})")
 
 
+@app.command("diagnose")
+def diagnose_cmd(
+    benchmark: Annotated[str, typer.Option(help="A registered benchmark (`qshift shifts list`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    weights: Annotated[Optional[Path], typer.Option(help="World-model weights (default: the shipped model).")] = None,
+) -> None:
+    """Uniformity, query–gallery gap, consistency, top-1 similarity and REST's gradient angle: clean vs shifted."""
+    from qshift.bench.diagnose import diagnose_task
+    from qshift.bench.registry import build_benchmark
+    from qshift.models.world_model import WorldRetrievalModel, load_world_model
+
+    try:
+        task = build_benchmark(benchmark, progress=not as_json)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    model = WorldRetrievalModel(load_world_model(weights), task.query_modality)
+    result = diagnose_task(model, task)
+    if as_json:
+        typer.echo(json.dumps({"benchmark": benchmark, "diagnostics": result}))
+        return
+    table = Table(title=f"Diagnostics at the source model: {benchmark}")
+    cols = ("uniformity", "gap", "consistency", "top1_similarity", "angle_deg")
+    table.add_column("queries")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for dom, d in result.items():
+        table.add_row(dom, *(f"{d[c]:.3f}" if c != "angle_deg" else f"{d[c]:.1f}" for c in cols))
+    console.print(table)
+
+
 shifts_app = typer.Typer(no_args_is_help=True, help="List and preview the query shifts and benchmarks.")
 app.add_typer(shifts_app, name="shifts")
 
