@@ -1,0 +1,68 @@
+"""Per-batch wall time: inference only vs each method's adaptation (all inner steps) on one batch.
+
+    python benchmarks/step_cost.py [--batch 64] [--repeats 5] [--methods source,tent,...]
+
+Uses the shipped world model on image queries (i2t) against the 10,000-caption gallery; prints the
+median over repeats, the ratio to inference, and REST / TCR.  With open_clip installed it also times
+a randomly initialised ViT-B/16 image tower at B = 8 (no weights are downloaded).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from qshift.data import world
+from qshift.methods import available_methods, create
+from qshift.models.world_model import WorldRetrievalModel, load_world_model
+from qshift.retrieval.encode import encode_batched
+
+
+def time_methods(model, gallery, gallery_ids, items, methods, repeats):
+    out = {}
+    for name in methods:
+        m = create(name, model, gallery, gallery_ids=gallery_ids)
+        labels = torch.zeros(len(items), dtype=torch.long) if m.uses_labels else None
+        m.adapt_batch(items, labels=labels)  # warm-up (and fills TCR's queue)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            m.adapt_batch(items, labels=labels)
+            times.append(time.perf_counter() - t)
+        m.reset()
+        out[name] = statistics.median(times)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--methods", default=",".join(m for m in available_methods() if m != "oracle"))
+    args = ap.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "source" not in methods:
+        methods.insert(0, "source")
+    test = world.load_split("test")
+    model = WorldRetrievalModel(load_world_model(), "image")
+    gallery = encode_batched(model.encode_gallery, test.captions)
+    items = test.images(list(range(args.batch)))
+    print(f"world model, i2t, B = {args.batch}, gallery {len(gallery)}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    t = time_methods(model, gallery, torch.as_tensor(test.caption_image), items, methods, args.repeats)
+    base = t["source"]
+    print(f"{'method':<10} {'s/batch':>9} {'× inference':>12}")
+    for name, v in t.items():
+        print(f"{name:<10} {v:>9.3f} {v / base:>12.1f}")
+    if "rest" in t and "tcr" in t:
+        print(f"REST / TCR = {t['rest'] / t['tcr']:.2f}")
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        print("open_clip not installed: skipping the ViT-B/16 timing")
+
+
+if __name__ == "__main__":
+    main()
