@@ -1,6 +1,7 @@
 """Source-model evaluation on the embedded world (``qshift eval``)."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -54,13 +55,44 @@ def evaluate_world_split(model: WorldDualEncoder, split: world.WorldSplit, direc
     return rows
 
 
+# model → {(gallery modality, content hash): embeddings}; weak keys, so a freed model's entries go too
+_GALLERY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(items) -> str:
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    if isinstance(items, np.ndarray):
+        h.update(str(items.shape).encode())
+        h.update(items.tobytes())
+    else:
+        for x in items:
+            h.update(x.encode())
+            h.update(b"\0")
+    return h.hexdigest()
+
+
 def evaluate_task(model: WorldDualEncoder, task, batch_size: int = 256, progress: bool = False) -> tuple[EvalRow, dict]:
-    """Offline (no adaptation) metrics of ``model`` on a registry task, overall and per domain."""
+    """Offline (no adaptation) metrics of ``model`` on a registry task, overall and per domain.
+
+    Gallery embeddings are memoised per (model, gallery content), so a sweep over benchmarks that
+    share a gallery encodes it once; the model must not change between calls (no adaptation here).
+    """
     from qshift.models.world_model import WorldRetrievalModel
 
     model.eval()
     rm = WorldRetrievalModel(model, query_modality=task.query_modality)
-    zg = encode_batched(rm.encode_gallery, task.gallery, batch_size, desc="gallery", progress=progress)
+    per_model = _GALLERY_CACHE.setdefault(model, {})
+    key = (rm.gallery_modality, _fingerprint(task.gallery))
+    if key not in per_model:
+        if len(per_model) >= 8:
+            per_model.clear()
+        per_model[key] = encode_batched(rm.encode_gallery, task.gallery, batch_size, desc="gallery",
+                                        progress=progress)
+    zg = per_model[key]
     per_domain: dict[str, dict[str, float]] = {}
     all_scores, all_ids = [], []
     for qs in task.query_sets:

@@ -48,7 +48,7 @@ def draw_image_preview(out: str | Path, image_index: int = 0, seed: int = 0) -> 
     caption = test.captions[int(np.flatnonzero(test.caption_image == image_index)[0])]
     fig.suptitle(f"Image corruptions (imagecorruptions-imaug) on test image {image_index}, seed {seed}\n"
                  f"\u201c{caption}\u201d", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.965))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.png")
