@@ -47,3 +47,14 @@ def test_tiny_training_run_learns_and_records(tmp_path, monkeypatch):
         test_set={"name": "test", "seed": 3, "n_images": 2000, "n_captions": 10000, "sha256": "ab"})
     text = render_card(fake, "m.pt")
     assert "qshift train-world-model --steps 12" in text and "| test | i2t | 1.0 |" in text
+
+
+def test_piece_dropout_never_empties_a_word():
+    from qshift.train.world_training import drop_pieces
+    pieces = torch.tensor([[[5, 6, 7, 0], [9, 0, 0, 0], [0, 0, 0, 0]]]).repeat(200, 1, 1)
+    out = drop_pieces(pieces, 0.5, torch.Generator().manual_seed(0))
+    assert ((out[:, :2] > 0).sum(-1) >= 1).all()  # every real word keeps a piece
+    assert (out[:, 2] == 0).all() and ((out == 0) | (out == pieces)).all()
+    rate = ((pieces[:, 0, :3] > 0) & (out[:, 0, :3] == 0)).float().mean()
+    assert 0.3 < rate < 0.55
+    assert torch.equal(drop_pieces(pieces, 0.0, torch.Generator()), pieces)

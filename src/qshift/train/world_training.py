@@ -56,6 +56,10 @@ class TrainConfig:
     eval_every: int = 500
     hard_negatives: bool = True
     workers: int = 2
+    # subword regularisation (like BPE-dropout): each n-gram piece of a word is dropped with this
+    # probability at training time, never all pieces of a word
+    piece_dropout: float = 0.0
+    noise_p: float | None = None  # overrides AUGMENTATIONS["noise_p"] when set
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -173,9 +177,22 @@ def vocab_pieces(model: WorldDualEncoder, vocab: list[str]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ augmentation
 
-def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def drop_pieces(pieces: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Zero each non-padding piece with probability ``p``; a word that would lose all keeps its own."""
+    if p <= 0:
+        return pieces
+    real = pieces > 0
+    drop = (torch.rand(pieces.shape, generator=gen) < p) & real
+    emptied = (real & ~drop).sum(-1) == 0
+    drop[emptied] = False
+    return pieces.masked_fill(drop, 0)
+
+
+def augment(images: torch.Tensor, gen: torch.Generator, noise_p: float | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] → augmented, normalised float [B, 3, H, W]."""
-    a = AUGMENTATIONS
+    a = dict(AUGMENTATIONS)
+    if noise_p is not None:
+        a["noise_p"] = noise_p
     x = images.permute(0, 3, 1, 2).float() / 255.0
     B, _, H, W = x.shape
     u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*(shape or (B,)), generator=gen)  # noqa: E731
@@ -260,7 +277,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         model.train()
         idx = torch.randint(N, (cfg.batch_size,), generator=gen)
         fam = torch.randint(n_fam, (cfg.batch_size,), generator=gen)
-        x = augment(pool.images[idx], gen)
+        x = augment(pool.images[idx], gen, cfg.noise_p)
         words = pool.pos_words[idx, fam].long()
         if cfg.hard_negatives:
             hn = torch.randint(pool.neg_words.shape[1], (cfg.batch_size,), generator=gen)
@@ -268,7 +285,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
             L = max(words.shape[1], neg.shape[1])
             words = torch.cat([F.pad(words, (0, L - words.shape[1])), F.pad(neg, (0, L - neg.shape[1]))])
         keep = int((words > 0).any(0).nonzero().max()) + 1
-        pieces = table[words[:, :keep]]
+        pieces = drop_pieces(table[words[:, :keep]], cfg.piece_dropout, gen)
         zi = F.normalize(model.visual(x), dim=-1)
         zt = F.normalize(model.text(pieces), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
@@ -295,7 +312,8 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
     record = {
         "train_config": asdict(cfg),
         "model_config": asdict(model.cfg),
-        "augmentations": AUGMENTATIONS,
+        "augmentations": {**AUGMENTATIONS, **({"noise_p": cfg.noise_p} if cfg.noise_p is not None else {}),
+                          "piece_dropout": cfg.piece_dropout},
         "hard_negatives_per_image": N_HARD if cfg.hard_negatives else 0,
         "pool_seconds": round(t_pool, 1),
         "train_seconds": round(time.time() - t_train, 1),
