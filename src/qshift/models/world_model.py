@@ -32,6 +32,10 @@ class WorldModelConfig:
     image_size: int = 96
     # a fixed (not learnt) Gaussian low-pass at the image input, as anti-aliasing; 0 disables it
     prefilter_sigma: float = 1.0
+    # per-image standardisation after the prefilter: subtract each channel's mean, divide by the
+    # image's pooled standard deviation (+ a floor), so global contrast and brightness scalings are
+    # removed before the stem while relative colour is kept
+    standardise_input: bool = True
     stem_channels: tuple[int, int] = (32, 64)
     patch: int = 3  # stride of the last stem conv, after two stride-2 convs: tokens = (size/4/patch)^2
     image_width: int = 128
@@ -75,6 +79,7 @@ class ImageTower(nn.Module):
         w = cfg.image_width
         self.image_size = cfg.image_size
         self.prefilter_sigma = float(cfg.prefilter_sigma)
+        self.standardise_input = bool(cfg.standardise_input)
         if self.prefilter_sigma > 0:
             radius = max(1, int(math.ceil(3 * self.prefilter_sigma)))
             r = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -99,6 +104,8 @@ class ImageTower(nn.Module):
                              f"got {tuple(pixels.shape)}")
         if self.prefilter_sigma > 0:
             pixels = gaussian_blur(pixels, self.blur_kernel)
+        if self.standardise_input:
+            pixels = standardise(pixels)
         x = self.stem(pixels).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         x = self.ln_pre(x)
@@ -194,6 +201,7 @@ class WorldDualEncoder(nn.Module):
         cfg = dict(payload["config"])
         cfg["stem_channels"] = tuple(cfg["stem_channels"])
         cfg.setdefault("prefilter_sigma", 0.0)  # weights saved before the prefilter existed
+        cfg.setdefault("standardise_input", False)  # ... or before input standardisation
         model = cls(WorldModelConfig(**cfg))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
         model.card = payload.get("card", {})
@@ -208,6 +216,16 @@ def gaussian_blur(x: torch.Tensor, kernel_1d: torch.Tensor) -> torch.Tensor:
     ky = kernel_1d.to(x.dtype).view(1, 1, -1, 1).expand(c, 1, -1, 1)
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), kx, groups=c)
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), ky, groups=c)
+
+
+STANDARDISE_FLOOR = 0.02  # in normalised units (about 1.3 grey levels), so flat images stay flat
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Per-image standardisation of BCHW: channel means removed, divided by the pooled std."""
+    centred = x - x.mean((2, 3), keepdim=True)
+    scale = centred.pow(2).mean((1, 2, 3), keepdim=True).sqrt() + STANDARDISE_FLOOR
+    return centred / scale
 
 
 def normalise_pixels(x: torch.Tensor) -> torch.Tensor:

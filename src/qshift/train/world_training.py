@@ -2,8 +2,10 @@
 
 Contrastive (symmetric InfoNCE) training on rendered scenes with generic augmentation only:
 small translations and rescaling, brightness / contrast / saturation jitter (no hue: captions name
-colours), mild Gaussian blur, mild Gaussian noise and mild JPEG re-encoding — all well below
-ImageNet-C severity 1 — and no flips (captions say left and right).  Each image is paired with a
+colours), mild Gaussian blur, Gaussian pixel noise (std up to 0.12, ImageNet-C's severity-1/2 level,
+on half the images), mild JPEG re-encoding, no flips (captions say left and right), and on the text
+side one-edit misspellings of 10 % of words (our own generic edit, not the benchmark's nlpaug
+keyboard / OCR models), as web-trained retrieval models see noisy text.  Each image is paired with a
 caption from a random source family, and image→text logits also see one *hard negative* caption
 per image (the same scene with one attribute, position or binding changed), which teaches the
 towers attribute binding.  The benchmark's corruption functions, held-out caption styles and
@@ -37,7 +39,7 @@ AUGMENTATIONS = {
     "contrast": (0.75, 1.25),
     "saturation": (0.8, 1.2),
     "blur_p": 0.25, "blur_sigma": (0.3, 0.7),
-    "noise_p": 0.3, "noise_std": (0.0, 0.03),
+    "noise_p": 0.5, "noise_std": (0.0, 0.12),
     "jpeg_p": 0.25, "jpeg_quality": (55, 90),
     "hflip": False, "hue": False,
 }
@@ -60,6 +62,10 @@ class TrainConfig:
     # probability at training time, never all pieces of a word
     piece_dropout: float = 0.0
     noise_p: float | None = None  # overrides AUGMENTATIONS["noise_p"] when set
+    # typo regularisation: each caption word is replaced, with this probability, by one of
+    # ``typo_variants`` fixed misspellings of it (one random insert / delete / substitute / swap)
+    typo_p: float = 0.1
+    typo_variants: int = 16
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -164,18 +170,51 @@ def build_pool(cfg: TrainConfig, progress: bool = True) -> Pool:
     return Pool(torch.from_numpy(np.concatenate(images)), pw, nw, [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])])
 
 
-def vocab_pieces(model: WorldDualEncoder, vocab: list[str]) -> torch.Tensor:
-    """[V, P] hashed piece ids of each vocabulary word (row 0 = padding)."""
+# ------------------------------------------------------------------------------ augmentation
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def misspell(word: str, rng: np.random.Generator) -> str:
+    """``word`` with one random character edit (insert, delete, substitute or adjacent swap)."""
+    if len(word) < 3:
+        return word
+    i = int(rng.integers(len(word)))
+    op = int(rng.integers(4))
+    c = _LETTERS[int(rng.integers(26))]
+    if op == 0:
+        return word[:i] + c + word[i:]
+    if op == 1:
+        return word[:i] + word[i + 1:]
+    if op == 2:
+        return word[:i] + c + word[i + 1:]
+    i = min(i, len(word) - 2)
+    return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+
+
+def typo_table(model: WorldDualEncoder, vocab: list[str], k: int, seed: int) -> torch.Tensor:
+    """[V, 1 + k, P] piece ids: slot 0 the word itself, slots 1..k fixed misspellings of it."""
     tok = model.tokenizer
-    rows = [tok.word_pieces(w) if w else () for w in vocab]
-    P = max(len(r) for r in rows)
-    out = torch.zeros(len(vocab), P, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
+    rows = [[tok.word_pieces(w) if w else ()] + [tok.word_pieces(misspell(w, rng)) if w else () for _ in range(k)]
+            for w in vocab]
+    P = max(len(r) for row in rows for r in row)
+    out = torch.zeros(len(vocab), 1 + k, P, dtype=torch.long)
+    for i, row in enumerate(rows):
+        for j, r in enumerate(row):
+            out[i, j, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
 
 
-# ------------------------------------------------------------------------------ augmentation
+def word_pieces_with_typos(table: torch.Tensor, words: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Look up [B, L] word ids in a :func:`typo_table`, each word misspelt with probability ``p``."""
+    if p <= 0:
+        return table[words, 0]
+    k = table.shape[1] - 1
+    slot = torch.randint(1, k + 1, words.shape, generator=gen)
+    slot = torch.where(torch.rand(words.shape, generator=gen) < p, slot, torch.zeros_like(slot))
+    return table[words, slot]
+
 
 def drop_pieces(pieces: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     """Zero each non-padding piece with probability ``p``; a word that would lose all keeps its own."""
@@ -263,7 +302,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
     pool = build_pool(cfg, progress=progress)
     t_pool = time.time() - t0
     log(f"pool: {len(pool.images)} scenes, vocab {len(pool.vocab)} words, rendered in {t_pool:.0f}s")
-    table = vocab_pieces(model, pool.vocab)
+    table = typo_table(model, pool.vocab, cfg.typo_variants, cfg.seed)
     val = world.load_split("val")
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -285,7 +324,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
             L = max(words.shape[1], neg.shape[1])
             words = torch.cat([F.pad(words, (0, L - words.shape[1])), F.pad(neg, (0, L - neg.shape[1]))])
         keep = int((words > 0).any(0).nonzero().max()) + 1
-        pieces = drop_pieces(table[words[:, :keep]], cfg.piece_dropout, gen)
+        pieces = drop_pieces(word_pieces_with_typos(table, words[:, :keep], cfg.typo_p, gen), cfg.piece_dropout, gen)
         zi = F.normalize(model.visual(x), dim=-1)
         zt = F.normalize(model.text(pieces), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
@@ -313,7 +352,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         "train_config": asdict(cfg),
         "model_config": asdict(model.cfg),
         "augmentations": {**AUGMENTATIONS, **({"noise_p": cfg.noise_p} if cfg.noise_p is not None else {}),
-                          "piece_dropout": cfg.piece_dropout},
+                          "piece_dropout": cfg.piece_dropout, "typo_p": cfg.typo_p},
         "hard_negatives_per_image": N_HARD if cfg.hard_negatives else 0,
         "pool_seconds": round(t_pool, 1),
         "train_seconds": round(time.time() - t_train, 1),
