@@ -230,3 +230,102 @@ def test_gradient_angle_is_an_angle(setup):
     rm, g, split = setup
     a = gradient_angle(rm, g, torch.as_tensor(split.caption_image), split.images(), batch_size=12, n_batches=2)
     assert 0.0 <= a["angle_deg"] <= 180.0 and a["n_batches"] == 2
+
+
+# ------------------------------------------------------------------ READ, DeYO, REST variants
+
+def test_read_loss_sharpens_confident_and_flattens_unconfident_queries(setup):
+    rm, g, _ = setup
+    m = create("read", rm, g)
+    gamma = m.gamma
+    # d/dp of p·(1 − log(p/γ)) is log(γ/p): negative above γ, positive below
+    p = torch.tensor([0.9, 0.1], requires_grad=True)
+    (p * (1 - torch.log(p / gamma))).sum().backward()
+    assert p.grad[0] < 0 < p.grad[1]
+    with pytest.raises(ValueError, match="gamma"):
+        create("read", rm, g, gamma=1.5)
+
+
+def test_read_and_deyo_adapt_only_query_layernorms(setup):
+    rm, g, split = setup
+    adaptable = {n for n, _ in rm.adaptable_parameters()}
+    for name, opts in (("read", {}), ("deyo", {"plpd_threshold": -1.0, "e_margin": 0.999})):
+        before = {k: v.clone() for k, v in rm.encoder.state_dict().items()}
+        m = create(name, rm, g, lr=1e-2, **opts)
+        _, rec = m.adapt_batch(split.images()[:16])
+        changed = {k for k, v in rm.encoder.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed and changed <= adaptable, (name, changed - adaptable)
+        m.reset()
+
+
+def test_deyo_filters_by_plpd(setup):
+    rm, g, split = setup
+    m = create("deyo", rm, g, plpd_threshold=2.0)  # a probability drop can never exceed 1
+    before = [p.clone() for p in m.params]
+    _, rec = m.adapt_batch(split.images()[:16])
+    assert all(s["kept"] == 0 for s in rec["steps"])
+    assert all(torch.equal(a, b) for a, b in zip(before, m.params))
+
+
+def test_patch_and_word_shuffles_keep_content():
+    from qshift.methods.confidence_baselines import shuffle_queries
+
+    gen = torch.Generator().manual_seed(0)
+    imgs = np.random.default_rng(0).integers(0, 255, (3, 96, 96, 3), dtype=np.uint8)
+    out = shuffle_queries(imgs, 4, gen)
+    assert out.shape == imgs.shape and out.dtype == imgs.dtype and not np.array_equal(out, imgs)
+    # same multiset of pixel values per image (patches moved, none changed)
+    for a, b in zip(imgs, out):
+        assert np.array_equal(np.sort(a.reshape(-1)), np.sort(b.reshape(-1)))
+    # a 2x2 grid of constant patches: the shuffle is a permutation of the four patch values
+    quad = np.zeros((1, 4, 4, 1), np.uint8)
+    quad[0, :2, 2:], quad[0, 2:, :2], quad[0, 2:, 2:] = 1, 2, 3
+    q = shuffle_queries(quad, 2, torch.Generator().manual_seed(1))[0, ::2, ::2, 0]
+    assert sorted(q.reshape(-1).tolist()) == [0, 1, 2, 3]
+    texts = shuffle_queries(["a red circle on the left", "one"], 4, gen)
+    assert sorted(texts[0].split()) == sorted("a red circle on the left".split()) and texts[1] == "one"
+    with pytest.raises(ValueError, match="too small"):
+        shuffle_queries(np.zeros((1, 3, 3, 3), np.uint8), 4, gen)
+
+
+def test_preconditioned_projection_removes_conflict_in_the_metric():
+    g_gen = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
+    g_spec = [torch.tensor([-1.0, 1.0]), torch.tensor([2.0])]
+    metric = [torch.tensor([4.0, 1.0]), torch.tensor([1.0])]
+    out, logs = project_conflict(g_spec, g_gen, metric=metric)
+    dot = sum((a * m * b).sum() for a, m, b in zip(out, metric, g_gen))
+    assert logs["fired"] == 1 and abs(float(dot)) < 1e-6
+    # no conflict in the metric → untouched
+    agree = [torch.tensor([1.0, 5.0]), torch.tensor([0.0])]
+    out2, logs2 = project_conflict(agree, g_gen, metric=metric)
+    assert logs2["fired"] == 0 and all(torch.equal(a, b) for a, b in zip(out2, agree))
+
+
+def test_rest_memory_signal_replays_reliable_queries(setup):
+    rm, g, split = setup
+    m = create("rest", rm, g, lr=1e-3, signal="memory", memory_size=20, memory_min=4, ratio=1.0,
+               gallery_ids=torch.as_tensor(split.caption_image))
+    imgs = split.images()
+    fired_or_logged = []
+    for k in range(3):
+        _, rec = m.adapt_batch(imgs[8 * k: 8 * k + 8])
+        fired_or_logged.append(rec["steps"][-1].get("memory", 0))
+    assert 0 < len(m._memory) <= 20
+    assert fired_or_logged[-1] == len(m._memory) or fired_or_logged[-1] >= 4
+    state = m.state_dict()
+    m.reset()
+    assert m._memory == []
+    m.load_state_dict(state)
+    assert len(m._memory) == len(state["extra"]["memory"])
+    with pytest.raises(ValueError, match="signal"):
+        create("rest", rm, g, signal="dream")
+
+
+def test_rest_adam_preconditioning_runs_and_needs_adamw(setup):
+    rm, g, split = setup
+    m = create("rest", rm, g, lr=1e-3, precondition="adam")
+    for k in range(2):
+        m.adapt_batch(split.images()[8 * k: 8 * k + 8])
+    assert m._metric() is not None and all((w > 0).all() for w in m._metric())
+    with pytest.raises(ValueError, match="adamw"):
+        create("rest", rm, g, precondition="adam", optimizer="sgd")

@@ -18,28 +18,36 @@ from qshift.methods.tcr import TCR
 log = logging.getLogger(__name__)
 
 CONSISTENCY = ("off", "mutual", "align")
-SIGNALS = ("anchor", "reliable")
+SIGNALS = ("anchor", "reliable", "memory")
+PRECONDITION = ("none", "adam")
 MODES = ("on-conflict", "always")
 GRANULARITY = ("global", "per-tensor")
 
 
 def project_conflict(g_spec: list[torch.Tensor], g_gen: list[torch.Tensor], mode: str = "on-conflict",
-                     granularity: str = "global") -> tuple[list[torch.Tensor], dict[str, float]]:
+                     granularity: str = "global", metric: list[torch.Tensor] | None = None
+                     ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Remove from ``g_spec`` its component along ``g_gen`` (when they conflict, or always).
 
-    Returns the projected g_spec and logs: angle before / after (degrees), norm ratio, whether it fired.
+    With ``metric`` (a positive diagonal P, one tensor per parameter — e.g. Adam's 1/(√v̂ + ε)) the
+    conflict test and the projection use the inner product ⟨a, b⟩_P = Σ a·P·b, so that the optimizer's
+    actual step P·g_spec does not oppose g_gen to first order: after projection ⟨g_spec, g_gen⟩_P ≥ 0.
+    Returns the projected g_spec and logs: angle before / after (degrees, in the plain inner product),
+    norm ratio, whether it fired.
     """
     def flat(gs):
         return torch.cat([g.reshape(-1) for g in gs])
 
     s, g = flat(g_spec), flat(g_gen)
+    w = flat(metric) if metric is not None else None
     gg = float(g @ g)
     before = _angle(s, g)
     fired = 0
     if granularity == "global":
-        dot = float(s @ g)
-        if gg > 0 and (mode == "always" or dot < 0):
-            s = s - (dot / gg) * g
+        pg = g if w is None else w * g
+        dot, norm = float(s @ pg), float(g @ pg)
+        if norm > 0 and (mode == "always" or dot < 0):
+            s = s - (dot / norm) * g
             fired = 1
         out, offset = [], 0
         for t in g_spec:
@@ -47,8 +55,9 @@ def project_conflict(g_spec: list[torch.Tensor], g_gen: list[torch.Tensor], mode
             offset += t.numel()
     else:
         out = []
-        for a, b in zip(g_spec, g_gen):
-            d, bb = float((a * b).sum()), float((b * b).sum())
+        for k, (a, b) in enumerate(zip(g_spec, g_gen)):
+            pb = b if metric is None else metric[k] * b
+            d, bb = float((a * pb).sum()), float((b * pb).sum())
             if bb > 0 and (mode == "always" or d < 0):
                 a = a - (d / bb) * b
                 fired += 1
@@ -72,16 +81,19 @@ class REST(TCR):
     @classmethod
     def option_names(cls):
         return TCR.option_names() + ("consistency", "lambda_c", "decoupling", "signal", "mode", "granularity",
-                                     "lambda_a", "tau_a", "anchor_on", "anchor_in_update", "batched_backward")
+                                     "lambda_a", "tau_a", "anchor_on", "anchor_in_update", "batched_backward",
+                                     "precondition", "memory_size", "memory_min")
 
     def setup(self, consistency: str = "align", lambda_c: float = 1.0, decoupling: bool = True,
               signal: str = "anchor", mode: str = "on-conflict", granularity: str = "global",
               lambda_a: float = 0.1, tau_a: float = 0.1, anchor_on: str = "all", anchor_in_update: bool = True,
-              batched_backward: bool = True, **tcr_options) -> None:
+              batched_backward: bool = True, precondition: str = "none", memory_size: int = 64,
+              memory_min: int = 16, **tcr_options) -> None:
         super().setup(**tcr_options)
         for name, value, allowed in (("consistency", consistency, CONSISTENCY), ("signal", signal, SIGNALS),
                                      ("mode", mode, MODES), ("granularity", granularity, GRANULARITY),
-                                     ("anchor_on", anchor_on, ("all", "unreliable"))):
+                                     ("anchor_on", anchor_on, ("all", "unreliable")),
+                                     ("precondition", precondition, PRECONDITION)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.consistency, self.lambda_c = consistency, lambda_c
@@ -89,9 +101,17 @@ class REST(TCR):
         self.lambda_a, self.tau_a, self.anchor_on = lambda_a, tau_a, anchor_on
         self.anchor_in_update, self.batched_backward = anchor_in_update, batched_backward
         self._z_source: torch.Tensor | None = None
+        self.precondition = precondition
+        if precondition == "adam" and self.optimizer_name != "adamw":
+            raise ValueError("precondition='adam' needs optimizer='adamw'")
+        # memory signal: a FIFO replay buffer of past reliable queries (raw items, re-encoded each step)
+        self.memory_size, self.memory_min = int(memory_size), int(memory_min)
+        self._memory: list = []
+        self._items = None
 
     # -- the source anchor: one no-grad forward per batch under θ0 -----------------------
     def on_batch_start(self, items) -> None:
+        self._items = items
         if self.decoupling and self.signal == "anchor" and self.lambda_a > 0:
             with torch.no_grad():
                 current = [p.detach().clone() for p in self.params]
@@ -133,6 +153,8 @@ class REST(TCR):
         parts = {"rem": rem, "uni": uni, "gap": gap, "cons": cons}
         if self.decoupling and self.signal == "anchor":
             parts["anchor"] = self._anchor(z, c, mask)
+        if self.decoupling and self.signal == "memory" and step == self.steps - 1:
+            self._remember(mask)
         if self.decoupling and self.signal == "reliable":
             s = source_likeness(z.detach(), c)
             parts["reliable_half"] = s <= s.median()
@@ -171,9 +193,84 @@ class REST(TCR):
         gen = objective(half)
         return objective(~half), gen, gen
 
+    def extra_state(self) -> dict:
+        state = super().extra_state()
+        state["memory"] = [m if isinstance(m, str) else torch.as_tensor(m) for m in self._memory]
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        super().load_extra_state(state)
+        if state:
+            import numpy as np
+            self._memory = [m if isinstance(m, str) else (m.numpy() if m.dtype == torch.uint8 else m)
+                            for m in state.get("memory", [])]
+
+    # -- the memory signal ---------------------------------------------------------------
+    def _remember(self, mask: torch.Tensor) -> None:
+        """Append this batch's reliable queries to the replay buffer (oldest dropped first)."""
+        from qshift.methods.confidence_baselines import take_items
+
+        rows = mask.nonzero().flatten().tolist()
+        if not rows or self._items is None:
+            return
+        picked = take_items(self._items, rows)
+        self._memory.extend(picked[i] for i in range(len(rows)))
+        del self._memory[: max(0, len(self._memory) - self.memory_size)]
+
+    def _memory_batch(self):
+        if len(self._memory) < self.memory_min:
+            return None
+        first = self._memory[0]
+        if isinstance(first, torch.Tensor):
+            return torch.stack(self._memory)
+        if hasattr(first, "shape"):  # numpy rows
+            import numpy as np
+            return np.stack(self._memory)
+        return list(self._memory)
+
+    def _memory_gradient(self) -> list[torch.Tensor] | None:
+        """∇θ of the TCR objective on the replayed reliable queries (one extra forward/backward)."""
+        items = self._memory_batch()
+        if items is None:
+            return None
+        from qshift.methods.objectives import gap_loss, nearest_candidates, refined_entropy, rem_loss, uniformity_loss
+
+        z = self.model.encode_query(items)
+        _, c = nearest_candidates(z.detach() @ self.gallery.T, self.gallery)
+        h = refined_entropy(z, c, self.tau)
+        rem, _ = rem_loss(h, self.queue.entropy_threshold(self.threshold_rule, self.threshold_quantile))
+        obj = rem.to(z.dtype) + self.lambda_u * uniformity_loss(z, self.t_uniform) \
+            + self.lambda_g * gap_loss(z, c, self.queue.target_gap())
+        gs = torch.autograd.grad(obj, self.params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, gs)]
+
+    def _metric(self) -> list[torch.Tensor] | None:
+        """Adam's current diagonal preconditioner 1/(√v̂ + ε), or None before its first step."""
+        if self.precondition != "adam":
+            return None
+        out = []
+        for p in self.params:
+            st = self.optimizer.state.get(p, {})
+            if "exp_avg_sq" not in st:
+                return None
+            group = self.optimizer.param_groups[0]
+            beta2, eps = group["betas"][1], group["eps"]
+            step = float(st["step"])
+            v_hat = st["exp_avg_sq"] / (1 - beta2 ** step)
+            out.append(1.0 / (v_hat.sqrt() + eps))
+        return out
+
     def gradients(self, out: StepOutput):
         if not self.decoupling:
             return super().gradients(out)
+        if self.signal == "memory":
+            g_spec = super().gradients(out)[0]
+            g_mem = self._memory_gradient()
+            if g_mem is None:
+                return g_spec, {"memory": len(self._memory), "fired": 0}
+            g_spec, logs = project_conflict(g_spec, g_mem, self.mode, self.granularity, self._metric())
+            logs["memory"] = len(self._memory)
+            return [a + b for a, b in zip(g_spec, g_mem)], logs
         spec, gen_upd, gen_dir = self._objectives(out)
         z = out.z
         dz = []
@@ -185,7 +282,7 @@ class REST(TCR):
         grads = self._vjp(z, torch.stack(dz))
         g_spec, g_upd = grads[0], grads[1]
         g_dir = grads[2] if len(grads) > 2 else g_upd
-        g_spec, logs = project_conflict(g_spec, g_dir, self.mode, self.granularity)
+        g_spec, logs = project_conflict(g_spec, g_dir, self.mode, self.granularity, self._metric())
         return [a + b for a, b in zip(g_spec, g_upd)], logs
 
     def _vjp(self, z: torch.Tensor, cotangents: torch.Tensor) -> list[list[torch.Tensor]]:
