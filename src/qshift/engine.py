@@ -113,13 +113,23 @@ def _probe(method, queries, gallery_ids, batch_size: int = 256) -> dict[str, flo
     return summarise(ranks, aps)
 
 
-def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = True) -> RunResult:
-    """Run ``cfg.method`` over ``task``'s stream (a registry task) and return the result."""
+def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = True,
+               gallery_embeddings: torch.Tensor | None = None) -> RunResult:
+    """Run ``cfg.method`` over ``task``'s stream (a registry task) and return the result.
+
+    ``gallery_embeddings`` may pass the task's gallery already encoded by ``model`` (a grid reuses
+    them across methods: the gallery tower is frozen, so they are the same for every cell).
+    """
     cfg.validate()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     gallery_ids = torch.as_tensor(task.gallery_ids)
-    gallery = encode_batched(model.encode_gallery, task.gallery, 256, desc="gallery", progress=False)
+    if gallery_embeddings is not None:
+        if gallery_embeddings.shape[0] != len(gallery_ids):
+            raise ValueError(f"{gallery_embeddings.shape[0]} gallery embeddings for {len(gallery_ids)} gallery items")
+        gallery = gallery_embeddings.detach()
+    else:
+        gallery = encode_batched(model.encode_gallery, task.gallery, 256, desc="gallery", progress=False)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(model.query_modality, 3e-4)
     method = create(cfg.method, model, gallery, steps=cfg.steps, lr=lr, weight_decay=cfg.weight_decay,
                     scoring=cfg.scoring, gallery_ids=gallery_ids, **cfg.method_options)

@@ -59,7 +59,7 @@ def evaluate_world_split(model: WorldDualEncoder, split: world.WorldSplit, direc
 _GALLERY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _fingerprint(items) -> str:
+def items_fingerprint(items) -> str:
     import hashlib
 
     import numpy as np
@@ -86,7 +86,7 @@ def evaluate_task(model: WorldDualEncoder, task, batch_size: int = 256, progress
     model.eval()
     rm = WorldRetrievalModel(model, query_modality=task.query_modality)
     per_model = _GALLERY_CACHE.setdefault(model, {})
-    key = (rm.gallery_modality, _fingerprint(task.gallery))
+    key = (rm.gallery_modality, items_fingerprint(task.gallery))
     if key not in per_model:
         if len(per_model) >= 8:
             per_model.clear()

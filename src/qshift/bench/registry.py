@@ -16,7 +16,7 @@ Names (``qshift shifts list`` prints them all):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,17 @@ class RetrievalTask:
         if self.stream_kind == "sequential":
             return streams.sequential_stream(self.query_sets, batch_size, seed, self.domain_order)
         raise ValueError(f"unknown stream kind {self.stream_kind!r}")
+
+    def subsample(self, max_queries: int, seed: int = 0) -> "RetrievalTask":
+        """The same task with at most ``max_queries`` queries in all (split evenly over its query
+        sets; the clean probe set gets the same budget); the gallery is unchanged."""
+        if max_queries < len(self.query_sets):
+            raise ValueError(f"{self.name}: max_queries={max_queries} is fewer than its {len(self.query_sets)} domains")
+        per = max_queries // len(self.query_sets)
+        sets = [q.subset(per, seed) for q in self.query_sets]
+        clean = self.clean_queries.subset(max_queries, seed) if self.clean_queries is not None else None
+        return replace(self, query_sets=sets, clean_queries=clean,
+                       meta={**self.meta, "max_queries": max_queries})
 
     def all_queries(self) -> tuple[Any, np.ndarray]:
         """Every query of every set, concatenated (for offline evaluation of the source model)."""

@@ -36,6 +36,13 @@ class QuerySet:
             return self.items[rows]
         return [self.items[int(r)] for r in rows]
 
+    def subset(self, n: int, seed: int = 0) -> "QuerySet":
+        """A deterministic random subset of ``n`` queries (all of them when ``n >= len``), in order."""
+        if n >= len(self):
+            return self
+        rows = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        return QuerySet(self.domain, self.take(rows), self.ids[rows])
+
 
 @dataclass
 class QueryBatch:

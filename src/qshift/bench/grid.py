@@ -1,0 +1,250 @@
+"""Grids of methods × benchmarks × seeds (``qshift bench``): validated spec, presets, resumable runner.
+
+Each cell is one online run saved as ``<out>/cells/<benchmark>/<method label>/seed<k>.json``
+(written atomically).  A finished cell is skipped on re-run, so an interrupted grid resumes; a cell
+that fails is recorded in ``seed<k>.error.json`` with its traceback and the grid goes on (the error
+file is removed when the cell later succeeds).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tqdm.auto import tqdm
+
+PROTOCOL_KEYS = ("batch_size", "steps", "lr", "weight_decay", "scoring", "reset")
+BASELINES = ("source", "tent", "eta", "sar", "shot-im", "read", "deyo", "tcr", "rest")
+
+
+class MethodSpec(BaseModel):
+    """One row of the grid: a registered method, optionally with options under its own label."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    label: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class GridSpec(BaseModel):
+    """A grid: methods × benchmarks × seeds, with shared protocol settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    methods: list[MethodSpec]
+    benchmarks: list[str]
+    seeds: list[int] = [0]
+    protocol: dict[str, Any] = Field(default_factory=dict)
+    max_queries: int | None = Field(default=None, ge=1, description="subsample each benchmark's queries")
+    diagnostics: list[str] = Field(default_factory=list, description="benchmarks to run `diagnose` on")
+    shift_seed: int = 0
+    weights: str | None = None
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods(cls, v):
+        return [{"name": m} if isinstance(m, str) else m for m in v]
+
+    @field_validator("protocol")
+    @classmethod
+    def _protocol(cls, v):
+        bad = set(v) - set(PROTOCOL_KEYS)
+        if bad:
+            raise ValueError(f"unknown protocol key(s) {sorted(bad)}; allowed: {PROTOCOL_KEYS}")
+        return v
+
+    def expanded_benchmarks(self) -> list[str]:
+        """Benchmark names with glob patterns (``world-c/i2t/*/5``) resolved against the registry."""
+        from qshift.bench.registry import list_benchmarks
+
+        known = list_benchmarks()
+        out: list[str] = []
+        for pat in self.benchmarks:
+            hits = [n for n in known if fnmatch.fnmatchcase(n, pat)] if any(ch in pat for ch in "*?[") else [pat]
+            if not hits:
+                raise ValueError(f"benchmark pattern {pat!r} matches nothing; see `qshift shifts list`")
+            out.extend(h for h in hits if h not in out)
+        return out
+
+    def validate_methods(self) -> None:
+        from qshift.methods import available_methods
+
+        known = set(available_methods())
+        for m in self.methods:
+            if m.name not in known:
+                raise ValueError(f"unknown method {m.name!r} in grid; available: {', '.join(sorted(known))}")
+        labels = [m.key for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"method labels must be unique, got {labels}")
+
+
+_C16 = "world-c/i2t/*/5"
+_CHAR6 = ["world-c/t2i/keyboard/6", "world-c/t2i/ocr/6", "world-c/t2i/char_insert/6",
+          "world-c/t2i/char_substitute/6", "world-c/t2i/char_swap/6", "world-c/t2i/char_delete/6"]
+PRESETS: dict[str, dict[str, Any]] = {
+    # every method on the severity-5 corruptions and level-6 character perturbations
+    "world-qs": {"methods": list(BASELINES), "benchmarks": [_C16, *_CHAR6]},
+    "world-qgs": {"methods": list(BASELINES), "benchmarks": ["world-qgs/*/i2t", "world-qgs/*/t2i"]},
+    "world-diverse": {"methods": ["source", "tcr", "rest"], "benchmarks": ["world-diverse/i2t/c8-s5/order*"]},
+    # the README grid: world-qs plus the diverse streams for source / tcr / rest
+    "world-readme": {"methods": list(BASELINES),
+                     "benchmarks": [_C16, *_CHAR6, "world-diverse/i2t/c8-s5/order*"],
+                     "only": {"world-diverse/*": ["source", "tcr", "rest"]},
+                     "diagnostics": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/fog/5", "world-c/t2i/keyboard/6"]},
+    # what `qshift demo` runs: a representative subset, about five minutes on two CPU cores
+    "demo": {"methods": ["source", "tent", "tcr", "rest"],
+             "benchmarks": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/fog/5", "world-c/i2t/pixelate/5",
+                            "world-c/t2i/keyboard/6", "world-diverse/i2t/c8-s5/order0"],
+             "max_queries": 512,
+             "diagnostics": ["world-c/i2t/gaussian_noise/5"]},
+}
+
+
+def preset(name: str) -> tuple[GridSpec, dict[str, list[str]]]:
+    """A named preset as a GridSpec (plus its per-benchmark method restrictions)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    raw = dict(PRESETS[name])
+    only = raw.pop("only", {})
+    return GridSpec(**raw), only
+
+
+def load_grid(path: str | Path) -> tuple[GridSpec, dict[str, list[str]]]:
+    """Read and validate a grid YAML file (keys as :class:`GridSpec`, plus optional ``only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a grid file must be a mapping with 'methods' and 'benchmarks'")
+    only = raw.pop("only", {}) or {}
+    try:
+        return GridSpec(**raw), only
+    except Exception as e:  # pydantic's message names the field at fault
+        raise ValueError(f"{path}: invalid grid: {e}") from e
+
+
+def cell_path(out: Path, benchmark: str, label: str, seed: int) -> Path:
+    return Path(out) / "cells" / benchmark.replace("/", "__") / label / f"seed{seed}.json"
+
+
+def plan(spec: GridSpec, only: dict[str, list[str]] | None = None) -> list[tuple[str, MethodSpec, int]]:
+    """The grid's cells in run order (benchmark-major, so each benchmark's queries are built once)."""
+    spec.validate_methods()
+    cells = []
+    for bench in spec.expanded_benchmarks():
+        allowed = None
+        for pat, labels in (only or {}).items():
+            if fnmatch.fnmatchcase(bench, pat):
+                allowed = set(labels)
+        for m in spec.methods:
+            if allowed is not None and m.key not in allowed:
+                continue
+            for seed in spec.seeds:
+                cells.append((bench, m, seed))
+    return cells
+
+
+def _finished(path: Path) -> bool:
+    try:
+        return "metrics" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None = None, progress: bool = True,
+             log: Callable[[str], None] | None = None) -> dict[str, int]:
+    """Run every unfinished cell of the grid; returns counts of done / skipped / failed cells."""
+    from qshift.bench.evaluate import items_fingerprint
+    from qshift.bench.registry import build_benchmark
+    from qshift.engine import RunConfig, run_online
+    from qshift.retrieval.encode import encode_batched
+    from qshift.models.world_model import WorldRetrievalModel, load_world_model
+
+    log = log or (lambda msg: tqdm.write(msg))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = plan(spec, only)
+    _atomic_json(out / "grid.json", {"spec": spec.model_dump(), "only": only or {}, "cells": len(cells)})
+    todo = [c for c in cells if not _finished(cell_path(out, c[0], c[1].key, c[2]))]
+    counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "done": 0, "failed": 0}
+    if counts["skipped"]:
+        log(f"resuming: {counts['skipped']} of {len(cells)} cells already finished")
+    encoder = load_world_model(spec.weights)
+    source_state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    task_cache: dict[str, Any] = {}
+    gallery_cache: dict[tuple[str, str], Any] = {}  # the frozen gallery tower's embeddings, per gallery
+    bar = tqdm(todo, desc="grid", unit="cell", disable=not progress)
+    for bench, m, seed in bar:
+        bar.set_postfix_str(f"{m.key} · {bench}")
+        path = cell_path(out, bench, m.key, seed)
+        err_path = path.with_suffix(".error.json")
+        t0 = time.perf_counter()
+        try:
+            if bench not in task_cache:
+                task_cache.clear()
+                task = build_benchmark(bench, shift_seed=spec.shift_seed, progress=False)
+                if spec.max_queries is not None:
+                    task = task.subsample(spec.max_queries, seed=0)
+                task_cache[bench] = task
+            task = task_cache[bench]
+            encoder.load_state_dict(source_state)  # every cell starts from the source model
+            model = WorldRetrievalModel(encoder, task.query_modality)
+            gkey = (task.direction, items_fingerprint(task.gallery))
+            if gkey not in gallery_cache:
+                gallery_cache[gkey] = encode_batched(model.encode_gallery, task.gallery, 256)
+            cfg = RunConfig(method=m.name, seed=seed, method_options=dict(m.options), **spec.protocol)
+            result = run_online(model, task, cfg, progress=False, gallery_embeddings=gallery_cache[gkey])
+            payload = result.as_json()
+            payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "max_queries": spec.max_queries})
+            _atomic_json(path, payload)
+            err_path.unlink(missing_ok=True)
+            counts["done"] += 1
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # record and go on
+            counts["failed"] += 1
+            _atomic_json(err_path, {"benchmark": bench, "label": m.key, "seed": seed, "error": repr(e),
+                                    "traceback": traceback.format_exc(), "seconds": time.perf_counter() - t0})
+            log(f"cell failed: {m.key} on {bench} (seed {seed}): {e!r} → {err_path}")
+    encoder.load_state_dict(source_state)
+    for bench in spec.diagnostics:
+        dpath = out / "diagnostics" / f"{bench.replace('/', '__')}.json"
+        if _finished_diag(dpath):
+            continue
+        try:
+            from qshift.bench.diagnose import diagnose_task
+
+            task = build_benchmark(bench, shift_seed=spec.shift_seed, progress=False)
+            if spec.max_queries is not None:
+                task = task.subsample(spec.max_queries, seed=0)
+            model = WorldRetrievalModel(encoder, task.query_modality)
+            _atomic_json(dpath, {"benchmark": bench, "diagnostics": diagnose_task(model, task)})
+        except Exception as e:
+            counts["failed"] += 1
+            log(f"diagnostics failed on {bench}: {e!r}")
+    return counts
+
+
+def _finished_diag(path: Path) -> bool:
+    try:
+        return "diagnostics" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False

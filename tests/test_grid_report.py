@@ -1,0 +1,154 @@
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qshift.bench import grid as G
+from qshift.bench.report import README_END, README_START, build_tables, load_cells, update_readme, write_report
+from qshift.cli import app
+from qshift.data import world
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def small_world(tmp_path, monkeypatch, tiny_model):
+    small = world.generate_world(seed=57, n_images=40, name="small-grid")
+    monkeypatch.setattr(world, "load_split", lambda name: small if name == "test" else small.subset(20, "small-grid-1k"))
+    monkeypatch.setenv("QSHIFT_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "tiny.pt"
+    tiny_model.save(weights)
+    return small, weights
+
+
+def test_grid_spec_validation(tmp_path):
+    with pytest.raises(ValueError, match="protocol"):
+        G.GridSpec(methods=["tent"], benchmarks=["world-clean/i2t"], protocol={"batchsize": 3})
+    spec = G.GridSpec(methods=["tent", {"name": "rest", "label": "rest-sgd", "options": {"signal": "memory"}}],
+                      benchmarks=["world-c/i2t/*/5", "world-clean/i2t"])
+    names = spec.expanded_benchmarks()
+    assert len(names) == 17 and names[-1] == "world-clean/i2t" and all(n.endswith("/5") for n in names[:16])
+    assert [m.key for m in spec.methods] == ["tent", "rest-sgd"]
+    with pytest.raises(ValueError, match="matches nothing"):
+        G.GridSpec(methods=["tent"], benchmarks=["world-zz/*"]).expanded_benchmarks()
+    with pytest.raises(ValueError, match="unknown method"):
+        G.plan(G.GridSpec(methods=["magic"], benchmarks=["world-clean/i2t"]))
+    with pytest.raises(ValueError, match="unique"):
+        G.plan(G.GridSpec(methods=["tent", "tent"], benchmarks=["world-clean/i2t"]))
+    bad = tmp_path / "g.yaml"
+    bad.write_text("methods: [tent]\nbenchmark: [world-clean/i2t]\n")
+    with pytest.raises(ValueError, match="invalid grid"):
+        G.load_grid(bad)
+    with pytest.raises(FileNotFoundError):
+        G.load_grid(tmp_path / "missing.yaml")
+    # presets resolve, and the README preset restricts the diverse streams to source / tcr / rest
+    spec, only = G.preset("world-readme")
+    cells = G.plan(spec, only)
+    diverse = {m.key for b, m, _ in cells if b.startswith("world-diverse")}
+    assert diverse == {"source", "tcr", "rest"} and len(cells) == 22 * len(spec.methods) + 9
+
+
+def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
+    _, weights = small_world
+    spec = G.GridSpec(methods=["source", "tent", {"name": "tcr", "label": "tcr-bad", "options": {"refresh": "bogus"}}],
+                      benchmarks=["world-c/i2t/fog/5", "world-diverse/i2t/mix8/order0"], weights=str(weights),
+                      protocol={"batch_size": 16, "steps": 1}, max_queries=32,
+                      diagnostics=["world-c/i2t/fog/5"])
+    out = tmp_path / "grid"
+    counts = G.run_grid(spec, out, progress=False, log=lambda m: None)
+    assert counts == {"cells": 6, "skipped": 0, "done": 4, "failed": 2}
+    errors = sorted((out / "cells").glob("*/*/seed0.error.json"))
+    assert len(errors) == 2 and "refresh" in json.loads(errors[0].read_text())["error"]
+    cell = json.loads(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).read_text())
+    assert cell["n_queries"] == 32 and cell["n_gallery"] == 200 and cell["label"] == "tent"
+    div = json.loads(G.cell_path(out, "world-diverse/i2t/mix8/order0", "source", 0).read_text())
+    assert div["n_queries"] == 32 and len(div["per_domain"]) == 8 and div["forgetting"]["clean_delta_R@1"] == 0
+    assert (out / "diagnostics" / "world-c__i2t__fog__5.json").is_file()
+    before = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).stat().st_mtime_ns
+    again = G.run_grid(spec, out, progress=False, log=lambda m: None)
+    assert again["skipped"] == 4 and again["done"] == 0 and again["failed"] == 2
+    assert G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).stat().st_mtime_ns == before
+
+
+def test_report_tables_plots_and_readme_block(small_world, tmp_path):
+    _, weights = small_world
+    spec = G.GridSpec(methods=["source", "tent", "oracle"], benchmarks=["world-c/i2t/fog/5", "world-c/i2t/snow/5",
+                                                                        "world-diverse/i2t/mix8/order0"],
+                      weights=str(weights), protocol={"batch_size": 16, "steps": 1}, max_queries=32,
+                      diagnostics=["world-c/i2t/fog/5"])
+    out = tmp_path / "grid"
+    G.run_grid(spec, out, progress=False, log=lambda m: None)
+    cells = load_cells(out)
+    assert len(cells) == 9
+    tables = {t.title: t for t in build_tables(cells)}
+    img = tables["Image corruptions, severity 5 (i2t R@1)"]
+    assert img.columns == ["fog", "snow"] and list(img.rows) == ["source", "tent", "oracle"]
+    fog = next(c for c in cells if c.label == "source" and c.benchmark.endswith("fog/5"))
+    assert img.rows["source"][0] == pytest.approx(fog.metrics["R@1"])
+    cols, rows = img.with_mean()
+    assert cols[-1] == "mean" and rows["tent"][-1] == pytest.approx(np.mean(img.rows["tent"]))
+    rep = write_report(out)
+    md = rep["report"].read_text()
+    assert "| source |" in md and "oracle *(uses labels)*" in md and "![diagnostics]" in md
+    # the oracle is never bolded
+    assert not any("**" in line for line in md.splitlines() if line.startswith("| oracle"))
+    rows_csv = list(csv.reader(io.StringIO(rep["csv"][0].read_text())))
+    assert rows_csv[0][0] == "method" and len(rows_csv) == 4
+    names = {p.name for p in rep["plots"]}
+    assert {"forgetting.png", "diagnostics.png", "stream_world-diverse__i2t__mix8__order0.png"} <= names
+    assert all(p.stat().st_size > 10_000 for p in rep["plots"])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\ntail\n")
+    update_readme(readme, rep["tables"], "qshift report grid")
+    text = readme.read_text()
+    assert "old" not in text and "| tent |" in text and text.endswith("tail\n") and "generated by" in text
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(readme, rep["tables"], "x")
+
+
+def test_bench_and_report_cli_errors(tmp_path):
+    both = runner.invoke(app, ["bench"])
+    assert both.exit_code == 2 and "exactly one" in both.output
+    bad = runner.invoke(app, ["bench", "--preset", "nope"])
+    assert bad.exit_code == 2 and "unknown preset" in bad.output
+    dry = runner.invoke(app, ["bench", "--preset", "demo", "--dry-run", "--out", str(tmp_path / "d")])
+    assert dry.exit_code == 0 and len(dry.stdout.strip().splitlines()) == 20
+    assert all(line.startswith("todo\t") for line in dry.stdout.strip().splitlines())
+    empty = runner.invoke(app, ["report", str(tmp_path / "nothing")])
+    assert empty.exit_code == 2 and "no grid results" in empty.output
+
+
+def test_library_api_adapts_retrieves_and_resumes(tiny_model, tmp_path):
+    import qshift
+    from qshift.models.world_model import WorldRetrievalModel
+
+    split = world.generate_world(seed=9, n_images=32)
+    images = split.images()
+    model = WorldRetrievalModel(tiny_model, "image")
+    ad = qshift.Adapter(model, split.captions, method="tcr", gallery_ids=split.caption_image, lr=1e-2)
+    ids, scores = ad.retrieve(images[:8], k=5)
+    assert ids.shape == (8, 5) and set(ids.flatten().tolist()) <= set(split.caption_image.tolist())
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    state = tmp_path / "state.pt"
+    ad.save_state(state)
+    ref_ids, ref_scores = ad.retrieve(images[8:16], k=5)  # the uninterrupted stream
+    params_after = [p.detach().clone() for p in ad.method.params]
+    # a fresh process: new adapter, load the state, feed the same next batch
+    ad.reset()
+    ad2 = qshift.Adapter(model, split.captions, method="tcr", gallery_ids=split.caption_image, lr=1e-2)
+    ad2.load_state(state)
+    ids2, scores2 = ad2.retrieve(images[8:16], k=5)
+    assert torch.equal(ids2, ref_ids) and torch.allclose(scores2, ref_scores)
+    assert all(torch.allclose(a, b) for a, b in zip(ad2.method.params, params_after))
+    other = qshift.Adapter(model, split.captions, method="tent", gallery_ids=split.caption_image)
+    with pytest.raises(ValueError, match="method"):
+        other.load_state(state)
+    with pytest.raises(ValueError, match="normalised"):
+        qshift.Adapter(model, torch.ones(4, 16), gallery_is_embedded=True)
+    with pytest.raises(ValueError, match="direction"):
+        qshift.load_model("world", direction="x2y")
