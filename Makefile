@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qshift eval
+	$(BIN)/qshift demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -112,6 +112,29 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
+def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],
+                    data_root: Optional[Path], annotation: Optional[Path], device: str, preprocess: str,
+                    shift_seed: int, progress: bool):
+    """Resolve (task, RetrievalModel) for the embedded world or a real dataset + backbone."""
+    from qshift.api import load_model
+
+    if dataset is None:
+        from qshift.bench.registry import build_benchmark
+
+        task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress)
+    else:
+        from qshift.data.karpathy import karpathy_task, load_karpathy
+
+        if data_root is None:
+            raise ValueError("--dataset needs --data-root (the folder holding the images and the annotation file)")
+        task = karpathy_task(load_karpathy(dataset, data_root, annotation), benchmark, shift_seed)
+    if model_spec == "world" and dataset is not None:
+        raise ValueError("the embedded world model cannot read real datasets; pass --model openclip:ARCH, "
+                         "hf-clip:PATH, hf-blip:PATH or custom:module:factory")
+    model = load_model(model_spec, task.direction, weights, preprocess=preprocess, device=device)
+    return task, model
+
+
 @app.command("run")
 def run_cmd(
     method: Annotated[str, typer.Option(help="Method name (source, tent, tcr, rest, oracle, …).")],
@@ -121,15 +144,23 @@ def run_cmd(
                       "batch_size, steps, lr, weight_decay, scoring, reset, seed; anything else goes to the method.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the run's result JSON.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="World-model weights (default: the shipped model).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights: a world-model file, an open_clip tag or "
+                                                       "checkpoint (default: the shipped world model).")] = None,
     shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
+    model: Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
+                                                       "custom:module:factory")] = "world",
+    dataset: Annotated[Optional[str], typer.Option(help="A real dataset (coco, flickr) instead of the world; "
+                                                        "benchmarks then read coco/i2t, coco-c/i2t/fog/5, …")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")] = None,
+    annotation: Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name in "
+                                                            "--data-root).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    preprocess: Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")] = "model",
 ) -> None:
     """Run one method online over one benchmark stream and report online R@1/5/10 and mAP."""
     from dataclasses import fields
 
-    from qshift.bench.registry import build_benchmark
     from qshift.engine import RunConfig, run_online
-    from qshift.models.world_model import WorldRetrievalModel, load_world_model
 
     protocol = {f.name for f in fields(RunConfig)} - {"method", "method_options"}
     cfg = RunConfig(method=method)
@@ -143,10 +174,10 @@ def run_cmd(
         else:
             cfg.method_options[key] = _parse_value(value)
     try:
-        task = build_benchmark(benchmark, shift_seed=shift_seed, progress=not as_json)
-        model = WorldRetrievalModel(load_world_model(weights), task.query_modality)
-        result = run_online(model, task, cfg, progress=not as_json)
-    except (ValueError, FileNotFoundError) as e:
+        task, rmodel = _task_and_model(benchmark, model, Path(weights) if weights and model == "world" else weights,
+                                       dataset, data_root, annotation, device, preprocess, shift_seed, not as_json)
+        result = run_online(rmodel, task, cfg, progress=not as_json)
+    except (ValueError, FileNotFoundError, TypeError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     if out is not None:
@@ -154,7 +185,7 @@ def run_cmd(
         path = result.save(out / name)
         if not as_json:
             console.print(f"result: {path}")
-    row = {"benchmark": benchmark, "direction": task.direction, "method": method,
+    row = {"benchmark": benchmark, "direction": task.direction, "method": method, "model": model,
            "metrics": {k: round(result.metrics[k], 4) for k in ("R@1", "R@5", "R@10", "mAP")},
            "n_queries": result.n_queries, "n_gallery": result.n_gallery}
     if result.forgetting is not None:

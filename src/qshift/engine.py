@@ -108,7 +108,7 @@ def _count(model: RetrievalModel) -> tuple[int, int]:
 @torch.no_grad()
 def _probe(method, queries, gallery_ids, batch_size: int = 256) -> dict[str, float]:
     """Metrics of the method's current parameters on ``queries`` without adapting."""
-    scores = encode_batched(method.scores, queries.items, batch_size)
+    scores = encode_batched(method.scores, queries.items, batch_size).cpu()
     ranks, aps = per_query_ranks_and_ap(scores, torch.as_tensor(queries.ids), gallery_ids)
     return summarise(ranks, aps)
 
@@ -132,7 +132,7 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         gallery = encode_batched(model.encode_gallery, task.gallery, 256, desc="gallery", progress=False)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(model.query_modality, 3e-4)
     method = create(cfg.method, model, gallery, steps=cfg.steps, lr=lr, weight_decay=cfg.weight_decay,
-                    scoring=cfg.scoring, gallery_ids=gallery_ids, **cfg.method_options)
+                    scoring=cfg.scoring, gallery_ids=gallery_ids.to(gallery.device), **cfg.method_options)
     stream = task.stream(batch_size=cfg.batch_size, seed=cfg.seed)
     sequential = stream.kind == "sequential"
     clean = getattr(task, "clean_queries", None)
@@ -153,8 +153,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
             method.reset()
         prev_domain = dom
         labels = torch.as_tensor(batch.ids)
-        scores, rec = method.adapt_batch(batch.items, labels=labels if method.uses_labels else None)
-        r, a = per_query_ranks_and_ap(scores, labels, gallery_ids)
+        scores, rec = method.adapt_batch(batch.items, labels=labels.to(gallery.device) if method.uses_labels else None)
+        r, a = per_query_ranks_and_ap(scores.cpu(), labels, gallery_ids)
         ranks.append(r)
         aps.append(a)
         domains.extend(batch.domains)

@@ -1,0 +1,147 @@
+"""COCO and Flickr30K Karpathy test splits in the BLIP / ALBEF JSON format, and COCO-C / Flickr-C
+built on the fly from them with :mod:`qshift.shifts`.
+
+The annotation file is a JSON list of ``{"image": "<path relative to the image root>", "caption":
+str | [str, ...]}``.  Captions are cleaned as BLIP does (lower case, the marks ``.!"()*#:;~``
+removed, whitespace collapsed, at most 30 words); COCO keeps the first five captions per image.
+Nothing is corrupted on disk: a corrupted query set is a lazy sequence that loads and corrupts an
+image when the stream asks for it, deterministically by (image id, corruption, severity, seed).
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+DATASETS = {"coco": "coco_karpathy_test.json", "flickr": "flickr30k_test.json"}
+CAPTIONS_PER_IMAGE = {"coco": 5, "flickr": None}
+_MARKS = re.compile(r"[.!\"()*#:;~]")
+
+
+def clean_caption(text: str, max_words: int = 30) -> str:
+    """BLIP's caption cleaning: lower case, marks removed, whitespace collapsed, ≤ ``max_words`` words."""
+    words = _MARKS.sub(" ", text.lower()).split()
+    return " ".join(words[:max_words])
+
+
+@dataclass
+class ImageTextDataset:
+    """Images (paths), captions, and which image each caption belongs to."""
+
+    name: str
+    image_paths: list[Path]
+    captions: list[str]
+    caption_image: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+
+def load_karpathy(dataset: str, data_root: str | Path, annotation: str | Path | None = None,
+                  check_images: bool = True) -> ImageTextDataset:
+    """Read a Karpathy test split (``dataset`` = ``coco`` or ``flickr``) from ``data_root``.
+
+    ``annotation`` defaults to ``<data_root>/<coco_karpathy_test.json | flickr30k_test.json>``; image
+    paths in it are relative to ``data_root``.  Fails early, naming the file and the fix.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(DATASETS)}")
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data root not found: {root}")
+    ann = Path(annotation) if annotation is not None else root / DATASETS[dataset]
+    if not ann.is_file():
+        raise FileNotFoundError(f"annotation file not found: {ann} (the BLIP/ALBEF '{DATASETS[dataset]}'; "
+                                "pass --annotation if it lives elsewhere)")
+    try:
+        entries = json.loads(ann.read_text())
+    except ValueError as e:
+        raise ValueError(f"{ann}: not valid JSON ({e})") from e
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{ann}: expected a non-empty JSON list of {{'image': ..., 'caption': ...}}")
+    keep = CAPTIONS_PER_IMAGE[dataset]
+    paths, caps, owner = [], [], []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or "image" not in e or "caption" not in e:
+            raise ValueError(f"{ann}: entry {i} lacks 'image' or 'caption': {str(e)[:80]}")
+        raw = [e["caption"]] if isinstance(e["caption"], str) else list(e["caption"])
+        if keep is not None:
+            raw = raw[:keep]
+        cleaned = [clean_caption(c) for c in raw if isinstance(c, str)]
+        if not cleaned or any(not c for c in cleaned):
+            raise ValueError(f"{ann}: entry {i} ({e['image']}) has an empty or non-text caption")
+        paths.append(root / e["image"])
+        for c in cleaned:
+            caps.append(c)
+            owner.append(i)
+    if check_images:
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(paths)} images listed in {ann} are missing under {root}, "
+                                    f"e.g. {missing[0]}; check --data-root")
+    return ImageTextDataset(dataset, paths, caps, np.asarray(owner, dtype=np.int64))
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+
+
+class CorruptedImages(Sequence):
+    """A lazy sequence of images corrupted on access (uint8 HWC arrays); ``corruption=None`` = clean."""
+
+    def __init__(self, paths: list[Path], corruption: str | None = None, severity: int = 0, seed: int = 0) -> None:
+        self.paths, self.corruption, self.severity, self.seed = list(paths), corruption, severity, seed
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        img = read_rgb(self.paths[i])
+        if self.corruption is None:
+            return img
+        from qshift.shifts.image import corrupt_image
+
+        return corrupt_image(img, self.corruption, self.severity, item_id=int(i), seed=self.seed)
+
+
+def karpathy_task(ds: ImageTextDataset, benchmark: str, shift_seed: int = 0):
+    """A RetrievalTask on a real dataset: ``<ds>/i2t``, ``<ds>/t2i`` (clean), ``<ds>-c/i2t/<corruption>/<severity>``
+    or ``<ds>-c/t2i/<perturbation>/<level>``."""
+    from qshift.bench.registry import RetrievalTask
+    from qshift.data.streams import QuerySet
+    from qshift.shifts.image import available_corruptions
+    from qshift.shifts.text import perturb_texts
+
+    parts = benchmark.split("/")
+    ids = np.arange(len(ds))
+    clean_imgs = QuerySet("clean", CorruptedImages(ds.image_paths), ids)
+    clean_caps = QuerySet("clean", list(ds.captions), ds.caption_image)
+    if parts == [ds.name, "i2t"]:
+        return RetrievalTask(benchmark, "i2t", [clean_imgs], ds.captions, ds.caption_image, clean_queries=clean_imgs)
+    if parts == [ds.name, "t2i"]:
+        return RetrievalTask(benchmark, "t2i", [clean_caps], CorruptedImages(ds.image_paths), ids,
+                             clean_queries=clean_caps)
+    if len(parts) == 4 and parts[0] == f"{ds.name}-c" and parts[1] == "i2t":
+        c, sev = parts[2], int(parts[3])
+        if c not in available_corruptions() or not 1 <= sev <= 5:
+            raise ValueError(f"unknown corruption benchmark {benchmark!r}")
+        q = QuerySet(f"{c}-{sev}", CorruptedImages(ds.image_paths, c, sev, shift_seed), ids)
+        return RetrievalTask(benchmark, "i2t", [q], ds.captions, ds.caption_image, clean_queries=clean_imgs)
+    if len(parts) == 4 and parts[0] == f"{ds.name}-c" and parts[1] == "t2i":
+        p, lvl = parts[2], int(parts[3])
+        caps = perturb_texts(list(ds.captions), p, lvl, np.arange(len(ds.captions)), seed=shift_seed)
+        q = QuerySet(f"{p}-{lvl}", caps, ds.caption_image)
+        return RetrievalTask(benchmark, "t2i", [q], CorruptedImages(ds.image_paths), ids, clean_queries=clean_caps)
+    raise ValueError(f"unknown benchmark {benchmark!r} for dataset {ds.name!r}; expected {ds.name}/i2t, {ds.name}/t2i, "
+                     f"{ds.name}-c/i2t/<corruption>/<1-5> or {ds.name}-c/t2i/<perturbation>/<level>")

@@ -1,0 +1,98 @@
+"""Tiny, randomly initialised real backbones saved to disk and tiny datasets in their real formats."""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TINY_OPENCLIP = "qshift-tiny-vit"
+
+
+def tiny_openclip_checkpoint(folder: Path) -> str:
+    """Register a tiny open_clip architecture and save a random checkpoint of it; returns its path."""
+    import open_clip
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / f"{TINY_OPENCLIP}.json"
+    cfg_path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(cfg_path)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_OPENCLIP)
+    ckpt = folder / "tiny_openclip.pt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    return str(ckpt)
+
+
+def _clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in string.ascii_lowercase + string.digits + ".,!?'-":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    vocab.setdefault("do", len(vocab))
+    vocab.setdefault("dog</w>", len(vocab))
+    return vocab, [("d", "o"), ("do", "g</w>")]
+
+
+def tiny_hf_clip(folder: Path) -> Path:
+    """A tiny transformers CLIPModel + tokenizer + image processor, saved with save_pretrained."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _clip_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=32, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    return folder
+
+
+def tiny_hf_blip(folder: Path) -> Path:
+    """A tiny transformers BlipForImageTextRetrieval + BERT tokenizer + image processor."""
+    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase) + \
+        ["dog", "cat", "red", "blue", "on", "the", "##s"]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(words)))
+    tok = BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    cfg = BlipConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=40, encoder_hidden_size=32,
+                                      pad_token_id=0, bos_token_id=2, sep_token_id=3),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16, image_text_hidden_size=16)
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(cfg).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    BlipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(folder))
+    return folder
+
+
+def tiny_karpathy(root: Path, name: str = "coco", n_images: int = 6, captions_as_list: bool = True) -> Path:
+    """A few generated JPEGs and a Karpathy-format annotation file (as BLIP/ALBEF ship them)."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    colours = ["red", "blue", "green", "yellow", "white", "black", "pink", "brown"]
+    for i in range(n_images):
+        arr = rng.integers(0, 255, (40 + 4 * i, 48, 3), dtype=np.uint8)
+        rel = f"images/img_{i:03d}.jpg"
+        Image.fromarray(arr).save(root / rel, quality=90)
+        caps = [f"A {colours[i % 8]} dog, on the mat #{k}!" for k in range(6 if name == "coco" else 5)]
+        entries.append({"image": rel, "caption": caps if captions_as_list else caps[0]})
+    fname = "coco_karpathy_test.json" if name == "coco" else "flickr30k_test.json"
+    (root / fname).write_text(json.dumps(entries))
+    return root

@@ -1,0 +1,181 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("open_clip")
+pytest.importorskip("transformers")
+
+from backbone_fixtures import TINY_OPENCLIP, tiny_hf_blip, tiny_hf_clip, tiny_karpathy, tiny_openclip_checkpoint  # noqa: E402
+
+from qshift.api import load_model  # noqa: E402
+from qshift.cli import app  # noqa: E402
+from qshift.data.karpathy import clean_caption, karpathy_task, load_karpathy  # noqa: E402
+from qshift.models.openclip_model import is_torchscript, needs_quick_gelu  # noqa: E402
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def openclip_ckpt(tmp_path_factory):
+    return tiny_openclip_checkpoint(tmp_path_factory.mktemp("openclip"))
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory):
+    return tiny_hf_clip(tmp_path_factory.mktemp("hfclip"))
+
+
+@pytest.fixture(scope="module")
+def hf_blip_dir(tmp_path_factory):
+    return tiny_hf_blip(tmp_path_factory.mktemp("hfblip"))
+
+
+def _ln_names(prefix, layers, norms=("ln_1", "ln_2")):
+    return [f"{prefix}{i}.{n}" for i in range(layers) for n in norms]
+
+
+def test_openclip_loads_from_a_local_checkpoint_with_the_tcr_parameter_rule(openclip_ckpt):
+    rm = load_model(f"openclip:{TINY_OPENCLIP}", "i2t", openclip_ckpt)
+    saved = torch.load(openclip_ckpt, weights_only=True)["state_dict"]
+    assert torch.equal(rm.clip.state_dict()["visual.ln_post.weight"], saved["visual.ln_post.weight"])
+    names = [n for n, _ in rm.adaptable_parameters()]
+    modules = ["visual.ln_pre"] + _ln_names("visual.transformer.resblocks.", 2) + ["visual.ln_post"]
+    assert names == [f"{m}.{p}" for m in modules for p in ("weight", "bias")]
+    text = load_model(f"openclip:{TINY_OPENCLIP}", "t2i", openclip_ckpt)
+    tnames = [n for n, _ in text.adaptable_parameters()]
+    assert tnames == [f"{m}.{p}" for m in _ln_names("transformer.resblocks.", 2) for p in ("weight", "bias")]
+    assert not any("ln_final" in n for n in tnames)
+    # only the rule's parameters take gradients; embeddings are normalised
+    trainable = {id(p) for p in rm.clip.parameters() if p.requires_grad}
+    assert trainable == {id(p) for _, p in rm.adaptable_parameters()}
+    imgs = np.random.default_rng(0).integers(0, 255, (3, 50, 40, 3), dtype=np.uint8)
+    z = rm.encode_query(imgs)
+    assert z.shape == (3, 16) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5) and z.requires_grad
+    g = rm.encode_gallery(["a dog", "a red cat"])
+    assert g.shape == (2, 16) and not g.requires_grad
+    with pytest.raises(ValueError, match="empty"):
+        rm.encode_gallery(["  "])
+
+
+def test_quick_gelu_is_decided_and_applied(openclip_ckpt, tmp_path):
+    assert needs_quick_gelu("ViT-B-16", "openai") is True
+    assert needs_quick_gelu("ViT-B-16-quickgelu", None) is True
+    assert needs_quick_gelu("ViT-B-16", "laion2b_s34b_b88k") is False
+    assert needs_quick_gelu("ViT-B-16", None) is False
+    scripted = tmp_path / "openai_style.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(1)}, plain)
+    assert is_torchscript(scripted) and not is_torchscript(plain)
+    assert needs_quick_gelu("ViT-B-16", str(scripted)) and not needs_quick_gelu("ViT-B-16", str(plain))
+
+    def acts(rm):
+        return {type(m).__name__ for m in rm.clip.visual.modules() if "GELU" in type(m).__name__}
+
+    quick = load_model(f"openclip:{TINY_OPENCLIP}", "i2t", openclip_ckpt, quick_gelu=True)
+    plain_model = load_model(f"openclip:{TINY_OPENCLIP}", "i2t", openclip_ckpt)
+    assert acts(quick) == {"QuickGELU"} and acts(plain_model) == {"GELU"}
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(quick.encode_query(x), plain_model.encode_query(x))
+    with pytest.raises(FileNotFoundError):
+        load_model(f"openclip:{TINY_OPENCLIP}", "i2t", str(tmp_path / "nope.pt"))
+    with pytest.raises(ValueError, match="unknown open_clip"):
+        load_model("openclip:NoSuchArch", "i2t")
+
+
+def test_hf_clip_parameter_rule_and_encoding(hf_clip_dir):
+    rm = load_model(f"hf-clip:{hf_clip_dir}", "i2t")
+    names = [n for n, _ in rm.adaptable_parameters()]
+    modules = ["vision_model.pre_layrnorm"] + \
+        _ln_names("vision_model.encoder.layers.", 2, ("layer_norm1", "layer_norm2")) + ["vision_model.post_layernorm"]
+    assert names == [f"{m}.{p}" for m in modules for p in ("weight", "bias")]
+    text = load_model(f"hf-clip:{hf_clip_dir}", "t2i")
+    tnames = [n for n, _ in text.adaptable_parameters()]
+    assert tnames == [f"{m}.{p}" for m in _ln_names("text_model.encoder.layers.", 2, ("layer_norm1", "layer_norm2"))
+                      for p in ("weight", "bias")]
+    z = rm.encode_query(np.zeros((2, 40, 30, 3), np.uint8))
+    assert z.shape == (2, 16)
+    assert text.encode_query(["a dog", "a cat on a mat"]).shape == (2, 16)
+    tcr = load_model(f"hf-clip:{hf_clip_dir}", "i2t", preprocess="tcr")
+    assert tcr.encode_query(np.zeros((1, 40, 30, 3), np.uint8)).shape == (1, 16)
+
+
+def test_hf_blip_uses_itc_embeddings_and_every_layernorm(hf_blip_dir):
+    rm = load_model(f"hf-blip:{hf_blip_dir}", "i2t")
+    names = [n for n, _ in rm.adaptable_parameters()]
+    vit = [n for n, m in rm.hf_model.vision_model.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert names == [f"vision_model.{m}.{p}" for m in vit for p in ("weight", "bias")]
+    text = load_model(f"hf-blip:{hf_blip_dir}", "t2i")
+    bert = [n for n, m in text.hf_model.text_encoder.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert [n for n, _ in text.adaptable_parameters()] == [f"text_encoder.{m}.{p}" for m in bert for p in ("weight", "bias")]
+    assert "text_encoder.embeddings.LayerNorm.weight" in dict(text.adaptable_parameters())
+    # ITC: the projected CLS token of each tower, normalised
+    pix = torch.randn(2, 3, 32, 32)
+    hf = rm.hf_model
+    ref = torch.nn.functional.normalize(hf.vision_proj(hf.vision_model(pixel_values=pix)[0][:, 0]), dim=-1)
+    assert torch.allclose(rm.encode_query(pix), ref, atol=1e-5)
+
+
+def test_custom_towers_spec(tmp_path, monkeypatch, tiny_model):
+    (tmp_path / "my_towers.py").write_text(
+        "from qshift.models.world_model import WorldRetrievalModel, WorldDualEncoder, WorldModelConfig\n"
+        "def build(direction, weights=None):\n"
+        "    cfg = WorldModelConfig(image_width=32, image_depth=1, text_width=32, text_depth=1, heads=2,"
+        " embed_dim=16, stem_channels=(8, 16))\n"
+        "    return WorldRetrievalModel(WorldDualEncoder(cfg), 'image' if direction == 'i2t' else 'text')\n"
+        "def bad(direction, weights=None):\n    return object()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rm = load_model("custom:my_towers:build", "t2i")
+    assert rm.query_modality == "text"
+    with pytest.raises(TypeError, match="RetrievalModel"):
+        load_model("custom:my_towers:bad", "t2i")
+    with pytest.raises(ValueError, match="unknown model spec"):
+        load_model("torchvision:resnet", "i2t")
+
+
+def test_karpathy_formats_and_early_errors(tmp_path):
+    assert clean_caption("A Dog (on) the mat!!  #2.") == "a dog on the mat 2"
+    assert len(clean_caption(" ".join(["w"] * 40)).split()) == 30
+    root = tiny_karpathy(tmp_path / "coco", "coco", n_images=4)
+    ds = load_karpathy("coco", root)
+    assert len(ds) == 4 and len(ds.captions) == 20  # COCO keeps the first five of six captions
+    assert ds.caption_image.tolist() == [i for i in range(4) for _ in range(5)]
+    flickr = tiny_karpathy(tmp_path / "flickr", "flickr", n_images=3, captions_as_list=False)
+    fds = load_karpathy("flickr", flickr)
+    assert len(fds.captions) == 3 and fds.captions[0] == "a red dog, on the mat 0"
+    (root / "images" / "img_001.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        load_karpathy("coco", root)
+    with pytest.raises(FileNotFoundError, match="annotation"):
+        load_karpathy("coco", tmp_path)
+    (tmp_path / "coco_karpathy_test.json").write_text(json.dumps([{"image": "x.jpg"}]))
+    with pytest.raises(ValueError, match="entry 0"):
+        load_karpathy("coco", tmp_path)
+    task = karpathy_task(fds, "flickr-c/i2t/gaussian_noise/3")
+    a, b = task.query_sets[0].items[1], task.query_sets[0].items[1]
+    assert np.array_equal(a, b) and not np.array_equal(a, task.clean_queries.items[1])
+    with pytest.raises(ValueError, match="unknown corruption"):
+        karpathy_task(fds, "flickr-c/i2t/nothing/3")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        karpathy_task(fds, "coco/i2t")
+
+
+@pytest.mark.parametrize("which", ["openclip", "blip"])
+def test_end_to_end_rest_run_on_a_fixture(which, tmp_path, openclip_ckpt, hf_blip_dir):
+    root = tiny_karpathy(tmp_path / "data", "flickr", n_images=6)
+    spec = ["--model", f"openclip:{TINY_OPENCLIP}", "--weights", openclip_ckpt] if which == "openclip" \
+        else ["--model", f"hf-blip:{hf_blip_dir}"]
+    res = runner.invoke(app, ["run", "--method", "rest", "--benchmark", "flickr-c/i2t/gaussian_noise/5",
+                              "--dataset", "flickr", "--data-root", str(root), *spec, "--json",
+                              "--set", "batch_size=4", "--set", "steps=1", "--out", str(tmp_path / "runs")])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["method"] == "rest" and row["n_queries"] == 6 and row["n_gallery"] == 30
+    rec = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    assert rec["params_adapted"] > 0 and rec["params_adapted"] < rec["params_total"]
+    bad = runner.invoke(app, ["run", "--method", "rest", "--benchmark", "flickr/i2t", "--dataset", "flickr",
+                              "--data-root", str(tmp_path / "none"), *spec])
+    assert bad.exit_code == 2 and "not found" in bad.output
