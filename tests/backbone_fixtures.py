@@ -96,3 +96,32 @@ def tiny_karpathy(root: Path, name: str = "coco", n_images: int = 6, captions_as
     fname = "coco_karpathy_test.json" if name == "coco" else "flickr30k_test.json"
     (root / fname).write_text(json.dumps(entries))
     return root
+
+
+def tiny_pedes(root: Path, fname: str = "reid_raw.json") -> Path:
+    """Person re-id format: several images per person id, two captions each, a test split."""
+    rng = np.random.default_rng(1)
+    (root / "imgs" / "test").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k in range(6):
+        rel = f"test/p{k // 2}_{k % 2}.jpg"
+        Image.fromarray(rng.integers(0, 255, (48, 24, 3), dtype=np.uint8)).save(root / "imgs" / rel)
+        entries.append({"id": k // 2, "file_path": rel, "split": "test",
+                        "captions": [f"A person {k // 2} in red.", f"Someone {k // 2} walking."]})
+    entries.append({"id": 99, "file_path": "train/x.jpg", "split": "train", "captions": ["unused"]})
+    (root / fname).write_text(json.dumps(entries))
+    return root
+
+
+def tiny_nocaps(root: Path) -> Path:
+    rng = np.random.default_rng(2)
+    root.mkdir(parents=True, exist_ok=True)
+    domains = ["in-domain", "near-domain", "out-domain", "out-domain"]
+    images, anns = [], []
+    for k, d in enumerate(domains):
+        name = f"{k:04d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(root / name)
+        images.append({"id": 100 + k, "file_name": name, "domain": d})
+        anns += [{"image_id": 100 + k, "caption": f"Thing {k} number {j}."} for j in range(3)]
+    (root / "nocaps_val_4500_captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    return root

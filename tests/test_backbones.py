@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
-from backbone_fixtures import TINY_OPENCLIP, tiny_hf_blip, tiny_hf_clip, tiny_karpathy, tiny_openclip_checkpoint  # noqa: E402
+from backbone_fixtures import (TINY_OPENCLIP, tiny_hf_blip, tiny_hf_clip, tiny_karpathy, tiny_nocaps,  # noqa: E402
+                               tiny_openclip_checkpoint, tiny_pedes)
 
 from qshift.api import load_model  # noqa: E402
 from qshift.cli import app  # noqa: E402
@@ -179,3 +180,21 @@ def test_end_to_end_rest_run_on_a_fixture(which, tmp_path, openclip_ckpt, hf_bli
     bad = runner.invoke(app, ["run", "--method", "rest", "--benchmark", "flickr/i2t", "--dataset", "flickr",
                               "--data-root", str(tmp_path / "none"), *spec])
     assert bad.exit_code == 2 and "not found" in bad.output
+
+
+def test_pedes_and_nocaps_formats_with_many_to_many_relevance(tmp_path):
+    from qshift.data.retrieval_datasets import load_dataset
+
+    pedes = load_dataset("cuhk-pedes", tiny_pedes(tmp_path / "cuhk"))
+    assert len(pedes) == 6 and len(pedes.captions) == 12 and pedes.image_ids.tolist() == [0, 0, 1, 1, 2, 2]
+    task = karpathy_task(pedes, "cuhk-pedes/t2i")
+    # a caption of person 0 is relevant to both of person 0's images
+    assert (task.gallery_ids == task.query_sets[0].ids[0]).sum() == 2
+    icfg = load_dataset("icfg-pedes", tiny_pedes(tmp_path / "icfg", "ICFG-PEDES.json"))
+    assert len(icfg) == 6
+    root = tiny_nocaps(tmp_path / "nocaps")
+    assert len(load_dataset("nocaps", root)) == 4 and len(load_dataset("nocaps-out", root)) == 2
+    near = load_dataset("nocaps-near", root)
+    assert len(near) == 1 and near.captions == ["thing 1 number 0", "thing 1 number 1", "thing 1 number 2"]
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("imagenet", root)

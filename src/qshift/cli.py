@@ -123,11 +123,12 @@ def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], da
 
         task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress)
     else:
-        from qshift.data.karpathy import karpathy_task, load_karpathy
+        from qshift.data.karpathy import karpathy_task
+        from qshift.data.retrieval_datasets import load_dataset
 
         if data_root is None:
             raise ValueError("--dataset needs --data-root (the folder holding the images and the annotation file)")
-        task = karpathy_task(load_karpathy(dataset, data_root, annotation), benchmark, shift_seed)
+        task = karpathy_task(load_dataset(dataset, data_root, annotation), benchmark, shift_seed)
     if model_spec == "world" and dataset is not None:
         raise ValueError("the embedded world model cannot read real datasets; pass --model openclip:ARCH, "
                          "hf-clip:PATH, hf-blip:PATH or custom:module:factory")
@@ -149,8 +150,9 @@ def run_cmd(
     shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
     model: Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
                                                        "custom:module:factory")] = "world",
-    dataset: Annotated[Optional[str], typer.Option(help="A real dataset (coco, flickr) instead of the world; "
-                                                        "benchmarks then read coco/i2t, coco-c/i2t/fog/5, …")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="A real dataset instead of the world: coco, flickr, "
+                                                        "cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out]; benchmarks "
+                                                        "then read coco/i2t, coco-c/i2t/fog/5, …")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")] = None,
     annotation: Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name in "
                                                             "--data-root).")] = None,
@@ -212,20 +214,26 @@ def run_cmd(
 def diagnose_cmd(
     benchmark: Annotated[str, typer.Option(help="A registered benchmark (`qshift shifts list`).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    weights: Annotated[Optional[Path], typer.Option(help="World-model weights (default: the shipped model).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights: a world-model file, an open_clip tag or "
+                                                       "checkpoint (default: the shipped world model).")] = None,
+    model: Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
+                                                       "custom:module:factory")] = "world",
+    dataset: Annotated[Optional[str], typer.Option(help="A real dataset instead of the world (see `run`).")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")] = None,
+    annotation: Annotated[Optional[Path], typer.Option(help="Annotation file.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    preprocess: Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")] = "model",
 ) -> None:
     """Uniformity, query–gallery gap, consistency, top-1 similarity and REST's gradient angle: clean vs shifted."""
     from qshift.bench.diagnose import diagnose_task
-    from qshift.bench.registry import build_benchmark
-    from qshift.models.world_model import WorldRetrievalModel, load_world_model
 
     try:
-        task = build_benchmark(benchmark, progress=not as_json)
-    except ValueError as e:
+        task, rmodel = _task_and_model(benchmark, model, Path(weights) if weights and model == "world" else weights,
+                                       dataset, data_root, annotation, device, preprocess, 0, not as_json)
+    except (ValueError, FileNotFoundError, TypeError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
-    model = WorldRetrievalModel(load_world_model(weights), task.query_modality)
-    result = diagnose_task(model, task)
+    result = diagnose_task(rmodel, task)
     if as_json:
         typer.echo(json.dumps({"benchmark": benchmark, "diagnostics": result}))
         return

@@ -31,12 +31,29 @@ def clean_caption(text: str, max_words: int = 30) -> str:
 
 @dataclass
 class ImageTextDataset:
-    """Images (paths), captions, and which image each caption belongs to."""
+    """Images (paths), captions, which image each caption belongs to, and relevance ids.
+
+    Relevance is by id: a caption and an image match when ``caption_ids[c] == image_ids[i]``.  For
+    COCO / Flickr / NoCaps the id is the image itself; for person re-id (CUHK-PEDES, ICFG-PEDES) and
+    Fashion-Gen it is the person / product, so one caption matches several images (many-to-many).
+    """
 
     name: str
     image_paths: list[Path]
     captions: list[str]
     caption_image: np.ndarray
+    image_ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
+        self.image_ids = np.arange(len(self.image_paths)) if self.image_ids is None \
+            else np.asarray(self.image_ids, dtype=np.int64)
+        if len(self.image_ids) != len(self.image_paths) or len(self.caption_image) != len(self.captions):
+            raise ValueError(f"{self.name}: inconsistent image / caption / id counts")
+
+    @property
+    def caption_ids(self) -> np.ndarray:
+        return self.image_ids[self.caption_image]
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -124,11 +141,11 @@ def karpathy_task(ds: ImageTextDataset, benchmark: str, shift_seed: int = 0):
     from qshift.shifts.text import perturb_texts
 
     parts = benchmark.split("/")
-    ids = np.arange(len(ds))
+    ids = ds.image_ids
     clean_imgs = QuerySet("clean", CorruptedImages(ds.image_paths), ids)
-    clean_caps = QuerySet("clean", list(ds.captions), ds.caption_image)
+    clean_caps = QuerySet("clean", list(ds.captions), ds.caption_ids)
     if parts == [ds.name, "i2t"]:
-        return RetrievalTask(benchmark, "i2t", [clean_imgs], ds.captions, ds.caption_image, clean_queries=clean_imgs)
+        return RetrievalTask(benchmark, "i2t", [clean_imgs], ds.captions, ds.caption_ids, clean_queries=clean_imgs)
     if parts == [ds.name, "t2i"]:
         return RetrievalTask(benchmark, "t2i", [clean_caps], CorruptedImages(ds.image_paths), ids,
                              clean_queries=clean_caps)
@@ -137,11 +154,11 @@ def karpathy_task(ds: ImageTextDataset, benchmark: str, shift_seed: int = 0):
         if c not in available_corruptions() or not 1 <= sev <= 5:
             raise ValueError(f"unknown corruption benchmark {benchmark!r}")
         q = QuerySet(f"{c}-{sev}", CorruptedImages(ds.image_paths, c, sev, shift_seed), ids)
-        return RetrievalTask(benchmark, "i2t", [q], ds.captions, ds.caption_image, clean_queries=clean_imgs)
+        return RetrievalTask(benchmark, "i2t", [q], ds.captions, ds.caption_ids, clean_queries=clean_imgs)
     if len(parts) == 4 and parts[0] == f"{ds.name}-c" and parts[1] == "t2i":
         p, lvl = parts[2], int(parts[3])
         caps = perturb_texts(list(ds.captions), p, lvl, np.arange(len(ds.captions)), seed=shift_seed)
-        q = QuerySet(f"{p}-{lvl}", caps, ds.caption_image)
+        q = QuerySet(f"{p}-{lvl}", caps, ds.caption_ids)
         return RetrievalTask(benchmark, "t2i", [q], CorruptedImages(ds.image_paths), ids, clean_queries=clean_caps)
     raise ValueError(f"unknown benchmark {benchmark!r} for dataset {ds.name!r}; expected {ds.name}/i2t, {ds.name}/t2i, "
                      f"{ds.name}-c/i2t/<corruption>/<1-5> or {ds.name}-c/t2i/<perturbation>/<level>")
