@@ -1,6 +1,7 @@
 """Per-batch wall time: inference only vs each method's adaptation (all inner steps) on one batch.
 
     python benchmarks/step_cost.py [--batch 64] [--repeats 5] [--methods source,tent,...]
+    python benchmarks/step_cost.py --skip-world --vit-batch 8      # only open_clip ViT-B/16
 
 Uses the shipped world model on image queries (i2t) against the 10,000-caption gallery; prints the
 median over repeats, the ratio to inference, and REST / TCR.  With open_clip installed it also times
@@ -41,7 +42,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default=",".join(m for m in available_methods() if m != "oracle"))
+    ap.add_argument("--vit-batch", type=int, default=8)
+    ap.add_argument("--vit-methods", default="source,tent,tcr,rest")
+    ap.add_argument("--skip-world", action="store_true", help="only the open_clip ViT-B/16 timing")
     args = ap.parse_args()
+    if args.skip_world:
+        time_openclip(args.vit_batch, args.repeats, [m.strip() for m in args.vit_methods.split(",") if m.strip()])
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "source" not in methods:
         methods.insert(0, "source")
@@ -62,6 +69,36 @@ def main() -> None:
         import open_clip  # noqa: F401
     except ImportError:
         print("open_clip not installed: skipping the ViT-B/16 timing")
+        return
+    vit_methods = [m.strip() for m in args.vit_methods.split(",") if m.strip()]
+    time_openclip(args.vit_batch, args.repeats, vit_methods)
+
+
+def time_openclip(batch: int, repeats: int, methods: list[str], gallery_size: int = 5000) -> None:
+    """A randomly initialised open_clip ViT-B/16 image tower (no download) at batch ``batch``."""
+    import resource
+
+    from qshift.models.openclip_model import load_openclip
+
+    torch.manual_seed(0)
+    model = load_openclip("ViT-B-16", None, "image")
+    gallery = torch.nn.functional.normalize(torch.randn(gallery_size, 512), dim=-1)
+    gallery_ids = torch.arange(gallery_size) // 5
+    items = torch.randn(batch, 3, 224, 224)
+    n_adapt = sum(p.numel() for _, p in model.adaptable_parameters())
+    n_total = sum(p.numel() for p in model.query_tower().parameters())
+    print(f"\nopen_clip ViT-B/16 (random weights), i2t, B = {batch}, random gallery {gallery_size} × 512, "
+          f"adapted {n_adapt:,} of {n_total:,} image-tower parameters, median of {repeats}")
+    if "source" not in methods:
+        methods = ["source", *methods]
+    t = time_methods(model, gallery, gallery_ids, items, methods, repeats)
+    base = t["source"]
+    print(f"{'method':<10} {'s/batch':>9} {'× inference':>12}")
+    for name, v in t.items():
+        print(f"{name:<10} {v:>9.3f} {v / base:>12.1f}")
+    if "rest" in t and "tcr" in t:
+        print(f"REST / TCR = {t['rest'] / t['tcr']:.2f}")
+    print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 
 if __name__ == "__main__":
