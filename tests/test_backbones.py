@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -198,3 +199,37 @@ def test_pedes_and_nocaps_formats_with_many_to_many_relevance(tmp_path):
     assert len(near) == 1 and near.captions == ["thing 1 number 0", "thing 1 number 1", "thing 1 number 2"]
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet", root)
+
+
+def test_eval_cli_with_a_real_backbone_and_dataset(tmp_path, openclip_ckpt):
+    root = tiny_karpathy(tmp_path / "data", "coco", n_images=4)
+    res = runner.invoke(app, ["eval", "--model", f"openclip:{TINY_OPENCLIP}", "--weights", openclip_ckpt,
+                              "--dataset", "coco", "--data-root", str(root), "--benchmark", "coco/t2i",
+                              "--benchmark", "coco-c/i2t/fog/2", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    assert [(r["benchmark"], r["n_queries"], r["n_gallery"]) for r in rows] == [("coco/t2i", 20, 4),
+                                                                             ("coco-c/i2t/fog/2", 4, 20)]
+    missing = runner.invoke(app, ["eval", "--model", f"openclip:{TINY_OPENCLIP}", "--dataset", "coco",
+                                  "--data-root", str(root)])
+    assert missing.exit_code == 2 and "--benchmark" in missing.output
+
+
+def test_materialize_writes_the_same_pixels_as_the_stream(tmp_path):
+    root = tiny_karpathy(tmp_path / "data", "flickr", n_images=3)
+    out = tmp_path / "flickr-c"
+    res = runner.invoke(app, ["shifts", "materialize", "--dataset", "flickr", "--data-root", str(root),
+                              "--out", str(out), "--corruption", "pixelate", "--severity", "4"])
+    assert res.exit_code == 0, res.output
+    folder = out / "pixelate" / "4"
+    assert (folder / "flickr30k_test.json").is_file()
+    ds = load_karpathy("flickr", folder)  # a drop-in data root
+    streamed = karpathy_task(load_karpathy("flickr", root), "flickr-c/i2t/pixelate/4").query_sets[0].items[2]
+    on_disk = np.asarray(Image.open(ds.image_paths[2]).convert("RGB")).astype(int)
+    clean = np.asarray(Image.open(root / "images" / "img_002.jpg").convert("RGB")).astype(int)
+    # equal up to JPEG q95 re-encoding: far closer to the streamed pixels than to the clean image
+    assert on_disk.shape == streamed.shape
+    assert np.abs(on_disk - streamed).mean() < 0.5 * np.abs(on_disk - clean).mean()
+    bad = runner.invoke(app, ["shifts", "materialize", "--dataset", "flickr", "--data-root", str(root),
+                              "--out", str(out), "--corruption", "nope"])
+    assert bad.exit_code == 2 and "unknown corruption" in bad.output

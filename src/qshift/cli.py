@@ -47,13 +47,21 @@ def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_
 def eval_cmd(
     direction: Annotated[Direction, typer.Option(help="Retrieval direction(s) to report.")] = Direction.both,
     split: Annotated[Split, typer.Option(help="Embedded world split: test (2,000 images), test1k or val.")] = Split.test,
-    weights: Annotated[Optional[Path], typer.Option(help="World-model weights (default: the shipped model).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights: a world-model file, or a real backbone's tag / "
+                                                       "checkpoint (default: the shipped world model).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 256,
     benchmark: Annotated[Optional[list[str]], typer.Option(
         "--benchmark", "-b", help="A registered benchmark (repeatable; `qshift shifts list`). "
                                   "Without it: the clean split, in --direction.")] = None,
     shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
+    model: Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
+                                                       "custom:module:factory (others need --benchmark)")] = "world",
+    dataset: Annotated[Optional[str], typer.Option(help="A real dataset instead of the world (see `run`).")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")] = None,
+    annotation: Annotated[Optional[Path], typer.Option(help="Annotation file.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    preprocess: Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")] = "model",
 ) -> None:
     """Evaluate the source model (no adaptation): the clean embedded test set, or named benchmarks."""
     from qshift.bench.evaluate import evaluate_task, evaluate_world_split
@@ -62,8 +70,27 @@ def eval_cmd(
     from qshift.models.world_model import load_world_model
 
     t0 = time.time()
+    if model != "world" or dataset is not None:
+        if not benchmark:
+            err.print("[red]error:[/red] a real backbone or dataset needs --benchmark (e.g. coco/i2t, coco-c/i2t/fog/5)")
+            raise typer.Exit(2)
+        rows = []
+        for name in benchmark:
+            try:
+                task, rmodel = _task_and_model(name, model, weights, dataset, data_root, annotation, device,
+                                               preprocess, shift_seed, not as_json)
+                row, _ = evaluate_task(rmodel, task, batch_size=batch_size, progress=not as_json)
+            except (ValueError, FileNotFoundError, TypeError) as e:
+                err.print(f"[red]error:[/red] {e}")
+                raise typer.Exit(2)
+            rows.append(row)
+            if as_json:
+                typer.echo(json.dumps(row.as_json()))
+        if not as_json:
+            _print_rows(rows, f"Source model {model} (no adaptation)", t0)
+        return
     try:
-        model = load_world_model(weights)
+        world_model = load_world_model(weights)
     except FileNotFoundError as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
@@ -75,7 +102,7 @@ def eval_cmd(
             except ValueError as e:
                 err.print(f"[red]error:[/red] {e}")
                 raise typer.Exit(2)
-            row, per_domain = evaluate_task(model, task, batch_size=batch_size, progress=not as_json)
+            row, per_domain = evaluate_task(world_model, task, batch_size=batch_size, progress=not as_json)
             rows.append(row)
             if as_json:
                 typer.echo(json.dumps(row.as_json()))
@@ -84,7 +111,7 @@ def eval_cmd(
         return
     data = load_split(split.value)
     dirs = ("i2t", "t2i") if direction is Direction.both else (direction.value,)
-    rows = evaluate_world_split(model, data, dirs, benchmark=f"world-clean/{split.value}", batch_size=batch_size,
+    rows = evaluate_world_split(world_model, data, dirs, benchmark=f"world-clean/{split.value}", batch_size=batch_size,
                                 progress=not as_json)
     if as_json:
         for r in rows:
@@ -378,6 +405,33 @@ def shifts_list(
     for name in list_benchmarks():
         if pattern is None or pattern in name:
             typer.echo(name)
+
+
+@shifts_app.command("materialize")
+def shifts_materialize(
+    dataset: Annotated[str, typer.Option(help="coco, flickr, cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out].")],
+    data_root: Annotated[Path, typer.Option(help="Folder with the clean images and the annotation file.")],
+    out: Annotated[Path, typer.Option(help="Where to write <corruption>/<severity>/ copies.")],
+    corruption: Annotated[Optional[list[str]], typer.Option(help="Corruption(s) (repeatable; default: the 16).")] = None,
+    severity: Annotated[Optional[list[int]], typer.Option(min=1, max=5, help="Severity (repeatable; default 1–5).")]
+    = None,
+    annotation: Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name).")] = None,
+    seed: Annotated[int, typer.Option(help="Shift seed (the same pixels as the on-the-fly benchmark).")] = 0,
+) -> None:
+    """Write corrupted copies of a real dataset to disk, for people who want files."""
+    from qshift.bench.registry import CORRUPTIONS
+    from qshift.data import retrieval_datasets as RD
+    from qshift.data.karpathy import DATASETS, materialize
+
+    try:
+        ds = RD.load_dataset(dataset, data_root, annotation)
+        default = DATASETS.get(dataset) or RD.PEDES.get(dataset) or RD.NOCAPS_FILE
+        ann = annotation or data_root / default
+        n = materialize(ds, data_root, ann, out, corruption or list(CORRUPTIONS), severity or [1, 2, 3, 4, 5], seed)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    console.print(f"wrote {n} images under {out}/<corruption>/<severity>/ (each a drop-in --data-root)")
 
 
 @shifts_app.command("preview")

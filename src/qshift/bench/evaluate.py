@@ -75,18 +75,26 @@ def items_fingerprint(items) -> str:
     return h.hexdigest()
 
 
-def evaluate_task(model: WorldDualEncoder, task, batch_size: int = 256, progress: bool = False) -> tuple[EvalRow, dict]:
+def evaluate_task(model, task, batch_size: int = 256, progress: bool = False) -> tuple[EvalRow, dict]:
     """Offline (no adaptation) metrics of ``model`` on a registry task, overall and per domain.
 
-    Gallery embeddings are memoised per (model, gallery content), so a sweep over benchmarks that
-    share a gallery encodes it once; the model must not change between calls (no adaptation here).
+    ``model`` is a ``WorldDualEncoder`` (wrapped for the task's direction) or any RetrievalModel whose
+    query modality matches the task.  World-model gallery embeddings are memoised per (model, gallery
+    content), so a sweep over benchmarks that share a gallery encodes it once; the model must not
+    change between calls (no adaptation here).
     """
-    from qshift.models.world_model import WorldRetrievalModel
+    from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel
 
-    model.eval()
-    rm = WorldRetrievalModel(model, query_modality=task.query_modality)
-    per_model = _GALLERY_CACHE.setdefault(model, {})
-    key = (rm.gallery_modality, items_fingerprint(task.gallery))
+    if isinstance(model, WorldDualEncoder):
+        model.eval()
+        rm = WorldRetrievalModel(model, query_modality=task.query_modality)
+        per_model = _GALLERY_CACHE.setdefault(model, {})
+        key = (rm.gallery_modality, items_fingerprint(task.gallery))
+    else:
+        rm = model
+        if rm.query_modality != task.query_modality:
+            raise ValueError(f"{task.name} has {task.query_modality} queries; the model encodes {rm.query_modality}")
+        per_model, key = {}, ("gallery",)
     if key not in per_model:
         if len(per_model) >= 8:
             per_model.clear()
@@ -98,7 +106,7 @@ def evaluate_task(model: WorldDualEncoder, task, batch_size: int = 256, progress
     for qs in task.query_sets:
         with torch.no_grad():
             zq = encode_batched(rm.encode_query, qs.items, batch_size, desc=qs.domain, progress=progress)
-        scores = zq @ zg.T
+        scores = (zq @ zg.T).cpu()
         ids = torch.as_tensor(qs.ids)
         if len(task.query_sets) > 1:
             per_domain[qs.domain] = retrieval_metrics(scores, ids, torch.as_tensor(task.gallery_ids))

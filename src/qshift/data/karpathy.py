@@ -162,3 +162,43 @@ def karpathy_task(ds: ImageTextDataset, benchmark: str, shift_seed: int = 0):
         return RetrievalTask(benchmark, "t2i", [q], CorruptedImages(ds.image_paths), ids, clean_queries=clean_caps)
     raise ValueError(f"unknown benchmark {benchmark!r} for dataset {ds.name!r}; expected {ds.name}/i2t, {ds.name}/t2i, "
                      f"{ds.name}-c/i2t/<corruption>/<1-5> or {ds.name}-c/t2i/<perturbation>/<level>")
+
+
+def materialize(ds: ImageTextDataset, data_root: str | Path, annotation: str | Path, out: str | Path,
+                corruptions: Sequence[str], severities: Sequence[int], seed: int = 0, progress: bool = True) -> int:
+    """Write corrupted copies: ``<out>/<corruption>/<severity>/`` holds the same relative image paths
+    as ``data_root`` and a copy of the annotation file, so each folder is a drop-in ``--data-root``.
+    Pixels equal what the on-the-fly benchmark streams (same seeds); images are saved losslessly as
+    PNG when the name ends in .png, otherwise as JPEG at quality 95.  Returns the number of files."""
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    from qshift.shifts.image import available_corruptions
+
+    root = Path(data_root)
+    bad = [c for c in corruptions if c not in available_corruptions()]
+    if bad:
+        raise ValueError(f"unknown corruption(s) {bad}; see `qshift shifts list`")
+    jobs = [(c, s) for c in corruptions for s in severities]
+    n = 0
+    bar = tqdm(total=len(jobs) * len(ds), desc="materialize", unit="img", disable=not progress)
+    for c, s in jobs:
+        dest = Path(out) / c / str(s)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(annotation, dest / Path(annotation).name)
+        images = CorruptedImages(ds.image_paths, c, s, seed)
+        for i, src in enumerate(ds.image_paths):
+            target = dest / src.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            im = Image.fromarray(images[i])
+            if target.suffix.lower() == ".png":
+                im.save(tmp, format="PNG")
+            else:
+                im.save(tmp, format="JPEG", quality=95)
+            tmp.replace(target)
+            n += 1
+            bar.update()
+    bar.close()
+    return n
