@@ -54,13 +54,16 @@ def test_grid_spec_validation(tmp_path):
 
 def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     _, weights = small_world
-    spec = G.GridSpec(methods=["source", "tent", {"name": "tcr", "label": "tcr-bad", "options": {"refresh": "bogus"}}],
+    spec = G.GridSpec(methods=["source", "tent", {"name": "tcr", "label": "tcr-bad", "options": {"refresh": "bogus"}},
+                               {"name": "tent", "label": "tent-fast", "options": {"lr": 0.01}}],
                       benchmarks=["world-c/i2t/fog/5", "world-diverse/i2t/mix8/order0"], weights=str(weights),
                       protocol={"batch_size": 16, "steps": 1}, max_queries=32,
                       diagnostics=["world-c/i2t/fog/5"])
     out = tmp_path / "grid"
     counts = G.run_grid(spec, out, progress=False, log=lambda m: None)
-    assert counts == {"cells": 6, "skipped": 0, "done": 4, "failed": 2}
+    assert counts == {"cells": 8, "skipped": 0, "done": 6, "failed": 2}
+    fast = json.loads(G.cell_path(out, "world-c/i2t/fog/5", "tent-fast", 0).read_text())
+    assert fast["config"]["lr"] == 0.01 and "lr" not in fast["config"]["method_options"]
     errors = sorted((out / "cells").glob("*/*/seed0.error.json"))
     assert len(errors) == 2 and "refresh" in json.loads(errors[0].read_text())["error"]
     cell = json.loads(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).read_text())
@@ -70,7 +73,7 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     assert (out / "diagnostics" / "world-c__i2t__fog__5.json").is_file()
     before = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).stat().st_mtime_ns
     again = G.run_grid(spec, out, progress=False, log=lambda m: None)
-    assert again["skipped"] == 4 and again["done"] == 0 and again["failed"] == 2
+    assert again["skipped"] == 6 and again["done"] == 0 and again["failed"] == 2
     assert G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).stat().st_mtime_ns == before
 
 

@@ -384,9 +384,9 @@ def demo_cmd(
     console.print(f"\nfinished in {(time.time() - t0) / 60:.1f} min ({counts['done']} runs, {counts['skipped']} reused, "
                   f"{counts['failed']} failed).")
     console.print(f"Look at: {rep['report']} (tables) and {rep['report'].parent / 'plots'}/ — "
-                  "stream_*.png shows online R@1 along the diverse stream (REST should stay above TCR and Tent "
-                  "late in the stream), forgetting.png what each method lost on clean queries, diagnostics.png "
-                  "how the shift moves queries away from the gallery.")
+                  "stream_*.png shows online R@1 of each method along the diverse stream (domain boundaries "
+                  "dashed), forgetting.png what each method lost on clean queries after it, diagnostics.png how "
+                  "the shift moves queries away from the gallery (gap, consistency) at the source model.")
     console.print("Full grid (every method on the 16 severity-5 corruptions and level-6 typos, plus diverse streams): "
                   "qshift bench --preset world-readme --out runs/readme && qshift report runs/readme")
 

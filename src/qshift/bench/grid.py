@@ -101,6 +101,27 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "benchmarks": [_C16, *_CHAR6, "world-diverse/i2t/c8-s5/order*"],
                      "only": {"world-diverse/*": ["source", "tcr", "rest"]},
                      "diagnostics": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/fog/5", "world-c/t2i/keyboard/6"]},
+    # the methods issue's table: source / tcr / rest over three seeds (stream order and method randomness)
+    "world-3seeds": {"methods": ["source", "tcr", "rest"], "benchmarks": [_C16, *_CHAR6], "seeds": [0, 1, 2]},
+    # REST ablation: each switch of METHOD.md §4–§5 against the default, on a diverse stream (online
+    # mean vs clean R@1 after it: the Pareto pair) and four severe corruptions
+    "rest-ablation": {"methods": [
+        "tcr", "rest",
+        {"name": "rest", "label": "rest[no-decoupling]", "options": {"decoupling": False}},
+        {"name": "rest", "label": "rest[no-consistency]", "options": {"consistency": "off"}},
+        {"name": "rest", "label": "rest[mutual]", "options": {"consistency": "mutual"}},
+        {"name": "rest", "label": "rest[reliable]", "options": {"signal": "reliable"}},
+        {"name": "rest", "label": "rest[memory]", "options": {"signal": "memory"}},
+        {"name": "rest", "label": "rest[always]", "options": {"mode": "always"}},
+        {"name": "rest", "label": "rest[per-tensor]", "options": {"granularity": "per-tensor"}},
+        {"name": "rest", "label": "rest[adam-metric]", "options": {"precondition": "adam"}},
+        {"name": "rest", "label": "rest[sgd]", "options": {"optimizer": "sgd", "lr": 1e-3}},
+        {"name": "rest", "label": "rest[anchor-unreliable]", "options": {"anchor_on": "unreliable"}},
+        {"name": "rest", "label": "rest[lambda_a=1]", "options": {"lambda_a": 1.0}},
+        {"name": "rest", "label": "rest[sliding]", "options": {"refresh": "sliding"}},
+        {"name": "rest", "label": "rest[refresh-on-shift]", "options": {"refresh": "refresh-on-shift"}}],
+        "benchmarks": ["world-diverse/i2t/c8-s5/order0", "world-c/i2t/gaussian_noise/5", "world-c/i2t/fog/5",
+                       "world-c/i2t/pixelate/5", "world-c/t2i/keyboard/6"]},
     # what `qshift demo` runs: a representative subset, about five minutes on two CPU cores
     "demo": {"methods": ["source", "tent", "tcr", "rest"],
              "benchmarks": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/fog/5", "world-c/i2t/pixelate/5",
@@ -210,7 +231,10 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
             gkey = (task.direction, items_fingerprint(task.gallery))
             if gkey not in gallery_cache:
                 gallery_cache[gkey] = encode_batched(model.encode_gallery, task.gallery, 256)
-            cfg = RunConfig(method=m.name, seed=seed, method_options=dict(m.options), **spec.protocol)
+            opts = dict(m.options)
+            # a method row may override protocol knobs (e.g. its own lr)
+            protocol = {**spec.protocol, **{k: opts.pop(k) for k in list(opts) if k in PROTOCOL_KEYS}}
+            cfg = RunConfig(method=m.name, seed=seed, method_options=opts, **protocol)
             result = run_online(model, task, cfg, progress=False, gallery_embeddings=gallery_cache[gkey])
             payload = result.as_json()
             payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "max_queries": spec.max_queries})
