@@ -100,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "world-readme": {"methods": list(BASELINES),
                      "benchmarks": [_C16, *_CHAR6, "world-diverse/i2t/c8-s5/order*"],
                      "only": {"world-diverse/*": ["source", "tcr", "rest"]},
-                     "diagnostics": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/fog/5", "world-c/t2i/keyboard/6"]},
+                     "diagnostics": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5", "world-c/t2i/keyboard/6"]},
     # the methods issue's table: source / tcr / rest over three seeds (stream order and method randomness)
     "world-3seeds": {"methods": ["source", "tcr", "rest"], "benchmarks": [_C16, *_CHAR6], "seeds": [0, 1, 2]},
     # REST ablation: each switch of METHOD.md §4–§5 against the default, on a diverse stream (online
@@ -120,11 +120,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         {"name": "rest", "label": "rest[lambda_a=1]", "options": {"lambda_a": 1.0}},
         {"name": "rest", "label": "rest[sliding]", "options": {"refresh": "sliding"}},
         {"name": "rest", "label": "rest[refresh-on-shift]", "options": {"refresh": "refresh-on-shift"}}],
-        "benchmarks": ["world-diverse/i2t/c8-s5/order0", "world-c/i2t/gaussian_noise/5", "world-c/i2t/fog/5",
+        "benchmarks": ["world-diverse/i2t/c8-s5/order0", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5",
                        "world-c/i2t/pixelate/5", "world-c/t2i/keyboard/6"]},
     # what `qshift demo` runs: a representative subset, about five minutes on two CPU cores
     "demo": {"methods": ["source", "tent", "tcr", "rest"],
-             "benchmarks": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/fog/5", "world-c/i2t/pixelate/5",
+             "benchmarks": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5", "world-c/i2t/jpeg_compression/5",
                             "world-c/t2i/keyboard/6", "world-diverse/i2t/c8-s5/order0"],
              "max_queries": 512,
              "diagnostics": ["world-c/i2t/gaussian_noise/5"]},
