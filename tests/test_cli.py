@@ -66,3 +66,10 @@ def test_run_command_json_and_result_file(tmp_path, monkeypatch):
     assert len(rec["per_domain"]) == 8 and rec["batches"][0]["domain"] == "sketch"
     bad = runner.invoke(app, ["run", "--method", "tcr", "--benchmark", "world-clean/i2t", "--set", "nonsense"])
     assert bad.exit_code == 2
+
+
+def test_set_values_parse_like_numbers_and_yaml():
+    from qshift.cli import _parse_value
+
+    assert _parse_value("1e-3") == 0.001 and isinstance(_parse_value("3"), int)
+    assert _parse_value("true") is True and _parse_value("mutual") == "mutual" and _parse_value("[1, 2]") == [1, 2]

@@ -134,8 +134,14 @@ def _print_rows(rows, title: str, t0: float) -> None:
 
 
 def _parse_value(text: str):
+    """A --set value: int, float (``1e-3`` included, which YAML 1.1 reads as a string), else YAML."""
     import yaml
 
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
     return yaml.safe_load(text)
 
 

@@ -233,7 +233,8 @@ def plot_streams(cells: list[Cell], out_dir: Path, window: int = 5) -> list[Path
         fig, ax = plt.subplots(figsize=(10, 4.2))
         ref = group[0]
         doms = [b["domain"] for b in ref.batches]
-        for c in sorted(group, key=lambda c: _order([c.label, c.label]).index(c.label)):
+        by_label = {c.label: c for c in group}
+        for c in (by_label[k] for k in _order(by_label)):
             r = np.array([b["R@1"] for b in c.batches], dtype=float)
             csum = np.concatenate([[0.0], np.cumsum(r)])
             lo = np.maximum(0, np.arange(len(r)) - window + 1)
@@ -306,7 +307,7 @@ def plot_forgetting(cells: list[Cell], out_dir: Path) -> Path | None:
     ax.set_xticklabels(labels)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_ylabel("R@1 after the stream − source model R@1")
-    ax.set_title("Forgetting after the diverse-shift streams (mean over streams; bars: std)")
+    ax.set_title("Forgetting after the diverse-shift streams\n(mean over streams; error bars: std)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
