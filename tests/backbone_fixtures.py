@@ -125,3 +125,16 @@ def tiny_nocaps(root: Path) -> Path:
         anns += [{"image_id": 100 + k, "caption": f"Thing {k} number {j}."} for j in range(3)]
     (root / "nocaps_val_4500_captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     return root
+
+
+def tiny_fashiongen(root: Path) -> Path:
+    """The Fashion-Gen HDF5 layout: images, descriptions and product ids (two images per product)."""
+    import h5py
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    with h5py.File(root / "fashiongen_256_256_validation.h5", "w") as f:
+        f["input_image"] = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+        f["input_description"] = np.array([[f"Black wool coat, style {k // 2}.".encode("latin-1")] for k in range(4)])
+        f["input_productID"] = np.array([[str(500 + k // 2).encode()] for k in range(4)])
+    return root

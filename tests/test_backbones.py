@@ -10,7 +10,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
 from backbone_fixtures import (TINY_OPENCLIP, tiny_hf_blip, tiny_hf_clip, tiny_karpathy, tiny_nocaps,  # noqa: E402
-                               tiny_openclip_checkpoint, tiny_pedes)
+                               tiny_fashiongen, tiny_openclip_checkpoint, tiny_pedes)
 
 from qshift.api import load_model  # noqa: E402
 from qshift.cli import app  # noqa: E402
@@ -233,3 +233,19 @@ def test_materialize_writes_the_same_pixels_as_the_stream(tmp_path):
     bad = runner.invoke(app, ["shifts", "materialize", "--dataset", "flickr", "--data-root", str(root),
                               "--out", str(out), "--corruption", "nope"])
     assert bad.exit_code == 2 and "unknown corruption" in bad.output
+
+
+def test_fashiongen_hdf5_streams_images_with_product_relevance(tmp_path):
+    pytest.importorskip("h5py")
+    from qshift.data.retrieval_datasets import load_dataset
+
+    ds = load_dataset("fashiongen", tiny_fashiongen(tmp_path / "fg"))
+    assert len(ds) == 4 and ds.captions[0] == "black wool coat, style 0" and ds.image_ids.tolist() == [500, 500, 501, 501]
+    task = karpathy_task(ds, "fashiongen-c/i2t/shot_noise/2")
+    img = task.query_sets[0].items[3]
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert not np.array_equal(img, task.clean_queries.items[3])
+    assert (task.gallery_ids == 501).sum() == 2  # both images of product 501 are relevant to its captions
+    with pytest.raises(ValueError, match="inside one file"):
+        from qshift.data.karpathy import materialize
+        materialize(ds, tmp_path / "fg", tmp_path / "fg" / "x.h5", tmp_path / "out", ["fog"], [1], progress=False)

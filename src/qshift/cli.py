@@ -184,7 +184,7 @@ def run_cmd(
     model: Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
                                                        "custom:module:factory")] = "world",
     dataset: Annotated[Optional[str], typer.Option(help="A real dataset instead of the world: coco, flickr, "
-                                                        "cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out]; benchmarks "
+                                                        "cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out], fashiongen; benchmarks "
                                                         "then read coco/i2t, coco-c/i2t/fog/5, …")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")] = None,
     annotation: Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name in "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,8 @@ class ImageTextDataset:
     captions: list[str]
     caption_image: np.ndarray
     image_ids: np.ndarray | None = None
+    # images that are not files (Fashion-Gen's HDF5): a function from image index to uint8 HWC
+    image_reader: Callable[[int], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.caption_image = np.asarray(self.caption_image, dtype=np.int64)
@@ -115,8 +117,10 @@ def read_rgb(path: Path) -> np.ndarray:
 class CorruptedImages(Sequence):
     """A lazy sequence of images corrupted on access (uint8 HWC arrays); ``corruption=None`` = clean."""
 
-    def __init__(self, paths: list[Path], corruption: str | None = None, severity: int = 0, seed: int = 0) -> None:
+    def __init__(self, paths: list[Path], corruption: str | None = None, severity: int = 0, seed: int = 0,
+                 reader: Callable[[int], np.ndarray] | None = None) -> None:
         self.paths, self.corruption, self.severity, self.seed = list(paths), corruption, severity, seed
+        self.reader = reader
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -124,7 +128,7 @@ class CorruptedImages(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        img = read_rgb(self.paths[i])
+        img = self.reader(i) if self.reader is not None else read_rgb(self.paths[i])
         if self.corruption is None:
             return img
         from qshift.shifts.image import corrupt_image
@@ -142,24 +146,26 @@ def karpathy_task(ds: ImageTextDataset, benchmark: str, shift_seed: int = 0):
 
     parts = benchmark.split("/")
     ids = ds.image_ids
-    clean_imgs = QuerySet("clean", CorruptedImages(ds.image_paths), ids)
+    rd = ds.image_reader
+    clean_imgs = QuerySet("clean", CorruptedImages(ds.image_paths, reader=rd), ids)
     clean_caps = QuerySet("clean", list(ds.captions), ds.caption_ids)
     if parts == [ds.name, "i2t"]:
         return RetrievalTask(benchmark, "i2t", [clean_imgs], ds.captions, ds.caption_ids, clean_queries=clean_imgs)
     if parts == [ds.name, "t2i"]:
-        return RetrievalTask(benchmark, "t2i", [clean_caps], CorruptedImages(ds.image_paths), ids,
+        return RetrievalTask(benchmark, "t2i", [clean_caps], CorruptedImages(ds.image_paths, reader=rd), ids,
                              clean_queries=clean_caps)
     if len(parts) == 4 and parts[0] == f"{ds.name}-c" and parts[1] == "i2t":
         c, sev = parts[2], int(parts[3])
         if c not in available_corruptions() or not 1 <= sev <= 5:
             raise ValueError(f"unknown corruption benchmark {benchmark!r}")
-        q = QuerySet(f"{c}-{sev}", CorruptedImages(ds.image_paths, c, sev, shift_seed), ids)
+        q = QuerySet(f"{c}-{sev}", CorruptedImages(ds.image_paths, c, sev, shift_seed, reader=rd), ids)
         return RetrievalTask(benchmark, "i2t", [q], ds.captions, ds.caption_ids, clean_queries=clean_imgs)
     if len(parts) == 4 and parts[0] == f"{ds.name}-c" and parts[1] == "t2i":
         p, lvl = parts[2], int(parts[3])
         caps = perturb_texts(list(ds.captions), p, lvl, np.arange(len(ds.captions)), seed=shift_seed)
         q = QuerySet(f"{p}-{lvl}", caps, ds.caption_ids)
-        return RetrievalTask(benchmark, "t2i", [q], CorruptedImages(ds.image_paths), ids, clean_queries=clean_caps)
+        return RetrievalTask(benchmark, "t2i", [q], CorruptedImages(ds.image_paths, reader=rd), ids,
+                             clean_queries=clean_caps)
     raise ValueError(f"unknown benchmark {benchmark!r} for dataset {ds.name!r}; expected {ds.name}/i2t, {ds.name}/t2i, "
                      f"{ds.name}-c/i2t/<corruption>/<1-5> or {ds.name}-c/t2i/<perturbation>/<level>")
 
@@ -177,6 +183,9 @@ def materialize(ds: ImageTextDataset, data_root: str | Path, annotation: str | P
     from qshift.shifts.image import available_corruptions
 
     root = Path(data_root)
+    if ds.image_reader is not None:
+        raise ValueError(f"{ds.name}: its images live inside one file; materialize writes copies of image files "
+                         "only (the on-the-fly benchmarks work for it)")
     bad = [c for c in corruptions if c not in available_corruptions()]
     if bad:
         raise ValueError(f"unknown corruption(s) {bad}; see `qshift shifts list`")

@@ -5,7 +5,10 @@
   ``{"id", "file_path", "captions", "split"}``; the test split, relevance by person id;
 - ``nocaps`` / ``nocaps-in`` / ``nocaps-near`` / ``nocaps-out``: the NoCaps validation file
   (``nocaps_val_4500_captions.json``, COCO format: ``images`` with ``id``, ``file_name``, ``domain``
-  and ``annotations`` with ``image_id``, ``caption``), the entire set or one domain.
+  and ``annotations`` with ``image_id``, ``caption``), the entire set or one domain;
+- ``fashiongen``: the Fashion-Gen validation HDF5 (``fashiongen_256_256_validation.h5``: datasets
+  ``input_image`` [N, 256, 256, 3], ``input_description`` and ``input_productID``), relevance by
+  product id (several images per product); images are read from the file on demand (needs h5py).
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from qshift.data.karpathy import DATASETS as KARPATHY, ImageTextDataset, clean_c
 PEDES = {"cuhk-pedes": "reid_raw.json", "icfg-pedes": "ICFG-PEDES.json"}
 NOCAPS_FILE = "nocaps_val_4500_captions.json"
 NOCAPS = {"nocaps": None, "nocaps-in": "in-domain", "nocaps-near": "near-domain", "nocaps-out": "out-domain"}
-DATASET_NAMES = tuple(KARPATHY) + tuple(PEDES) + tuple(NOCAPS)
+FASHIONGEN_FILE = "fashiongen_256_256_validation.h5"
+DATASET_NAMES = tuple(KARPATHY) + tuple(PEDES) + tuple(NOCAPS) + ("fashiongen",)
 
 
 def _read_json(root: Path, annotation: str | Path | None, default: str, name: str):
@@ -99,6 +103,41 @@ def load_nocaps(name: str, data_root: str | Path, annotation: str | Path | None 
     return ImageTextDataset(name, paths, caps, np.asarray(owner))
 
 
+def load_fashiongen(data_root: str | Path, annotation: str | Path | None = None, max_words: int = 77) -> ImageTextDataset:
+    """Fashion-Gen validation from its HDF5 file; one description per image, relevance by product id."""
+    try:
+        import h5py
+    except ImportError as e:
+        raise ImportError("Fashion-Gen's HDF5 files need h5py: pip install 'qshift[datasets]'") from e
+    root = Path(data_root)
+    path = Path(annotation) if annotation is not None else root / FASHIONGEN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"Fashion-Gen file not found: {path} (expects '{FASHIONGEN_FILE}'; pass --annotation)")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ("input_image", "input_description", "input_productID") if k not in f]
+        if missing:
+            raise ValueError(f"{path}: missing HDF5 dataset(s) {missing}")
+        n = f["input_image"].shape[0]
+
+        def text(x) -> str:
+            x = x[0] if getattr(x, "shape", ()) and len(x.shape) else x
+            return x.decode("latin-1") if isinstance(x, bytes) else str(x)
+
+        caps = [clean_caption(text(d), max_words) for d in f["input_description"][:]]
+        pids = np.asarray([int(text(p)) for p in f["input_productID"][:]], dtype=np.int64)
+    bad = [i for i, c in enumerate(caps) if not c]
+    if bad:
+        raise ValueError(f"{path}: empty description for image(s) {bad[:5]}")
+    handle: dict = {}
+
+    def read(i: int) -> np.ndarray:  # one open handle per process, opened lazily
+        if "f" not in handle:
+            handle["f"] = h5py.File(path, "r")
+        return np.asarray(handle["f"]["input_image"][i], dtype=np.uint8)
+
+    return ImageTextDataset("fashiongen", [path] * n, caps, np.arange(n), pids, image_reader=read)
+
+
 def load_dataset(name: str, data_root: str | Path, annotation: str | Path | None = None,
                  check_images: bool = True) -> ImageTextDataset:
     """Any supported dataset by its CLI name."""
@@ -108,4 +147,6 @@ def load_dataset(name: str, data_root: str | Path, annotation: str | Path | None
         return load_pedes(name, data_root, annotation, check_images=check_images)
     if name in NOCAPS:
         return load_nocaps(name, data_root, annotation, check_images)
+    if name == "fashiongen":
+        return load_fashiongen(data_root, annotation)
     raise ValueError(f"unknown dataset {name!r}; supported: {', '.join(DATASET_NAMES)}")
