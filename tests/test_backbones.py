@@ -249,3 +249,17 @@ def test_fashiongen_hdf5_streams_images_with_product_relevance(tmp_path):
     with pytest.raises(ValueError, match="inside one file"):
         from qshift.data.karpathy import materialize
         materialize(ds, tmp_path / "fg", tmp_path / "fg" / "x.h5", tmp_path / "out", ["fog"], [1], progress=False)
+
+
+def test_openclip_config_file_autocast_and_checkpointing(openclip_ckpt):
+    from pathlib import Path
+
+    cfg = str(Path(openclip_ckpt).parent / f"{TINY_OPENCLIP}.json")
+    rm = load_model(f"openclip:{cfg}", "i2t", openclip_ckpt, autocast="bf16", grad_checkpointing=True)
+    x = torch.randn(2, 3, 32, 32)
+    z = rm.encode_query(x)
+    assert z.dtype == torch.float32 and z.shape == (2, 16)
+    z.sum().backward()  # gradients reach the adapted LayerNorms through checkpointed blocks
+    assert all(p.grad is not None for _, p in rm.adaptable_parameters())
+    with pytest.raises(ValueError, match="autocast"):
+        load_model(f"openclip:{cfg}", "i2t", openclip_ckpt, autocast="fp8")

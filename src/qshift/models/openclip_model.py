@@ -71,9 +71,16 @@ def load_openclip(arch: str, pretrained: str | None = None, query_modality: str 
                   preprocess: str = "model", device: str = "cpu", quick_gelu: bool | None = None,
                   precision: str = "fp32", autocast: str | None = None, grad_checkpointing: bool = False,
                   cache_dir: str | None = None) -> DualTowerModel:
-    """An open_clip model as a RetrievalModel; ``pretrained`` is a tag or a local checkpoint path."""
+    """An open_clip model as a RetrievalModel; ``pretrained`` is a tag or a local checkpoint path.
+
+    ``arch`` is a registered open_clip name or the path of a model-config JSON (registered on the fly).
+    ``autocast`` (``bf16`` / ``fp16``) and ``grad_checkpointing`` are for large towers.
+    """
     import open_clip
 
+    if arch.endswith(".json") and Path(arch).is_file():  # a custom architecture config, registered by file
+        open_clip.add_model_config(arch)
+        arch = Path(arch).stem
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {arch!r}; e.g. {', '.join(open_clip.list_models()[:5])}, …")
     if pretrained is not None and (("/" in pretrained) or pretrained.endswith((".pt", ".bin", ".safetensors"))) \
