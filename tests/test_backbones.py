@@ -230,6 +230,10 @@ def test_materialize_writes_the_same_pixels_as_the_stream(tmp_path):
     # equal up to JPEG q95 re-encoding: far closer to the streamed pixels than to the clean image
     assert on_disk.shape == streamed.shape
     assert np.abs(on_disk - streamed).mean() < 0.5 * np.abs(on_disk - clean).mean()
+    tcr = runner.invoke(app, ["shifts", "materialize", "--dataset", "flickr", "--data-root", str(root),
+                              "--out", str(tmp_path / "tcr"), "--corruption", "fog", "--severity", "5", "--layout", "tcr"])
+    assert tcr.exit_code == 0, tcr.output
+    assert (tmp_path / "tcr" / "flickr-IP" / "Flickr30K_IP_fog_5" / "images" / "img_000.jpg").is_file()
     bad = runner.invoke(app, ["shifts", "materialize", "--dataset", "flickr", "--data-root", str(root),
                               "--out", str(out), "--corruption", "nope"])
     assert bad.exit_code == 2 and "unknown corruption" in bad.output

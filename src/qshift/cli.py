@@ -423,6 +423,9 @@ def shifts_materialize(
     = None,
     annotation: Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name).")] = None,
     seed: Annotated[int, typer.Option(help="Shift seed (the same pixels as the on-the-fly benchmark).")] = 0,
+    layout: Annotated[str, typer.Option(help="qshift: <out>/<corruption>/<severity>/ with the annotation (a drop-in "
+                                             "--data-root); tcr: TCR's <out>/coco-IP/COCO_IP_<c>_<s>/ image roots.")]
+    = "qshift",
 ) -> None:
     """Write corrupted copies of a real dataset to disk, for people who want files."""
     from qshift.bench.registry import CORRUPTIONS
@@ -433,11 +436,13 @@ def shifts_materialize(
         ds = RD.load_dataset(dataset, data_root, annotation)
         default = DATASETS.get(dataset) or RD.PEDES.get(dataset) or RD.NOCAPS_FILE
         ann = annotation or data_root / default
-        n = materialize(ds, data_root, ann, out, corruption or list(CORRUPTIONS), severity or [1, 2, 3, 4, 5], seed)
+        n = materialize(ds, data_root, ann, out, corruption or list(CORRUPTIONS), severity or [1, 2, 3, 4, 5], seed,
+                        layout=layout)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
-    console.print(f"wrote {n} images under {out}/<corruption>/<severity>/ (each a drop-in --data-root)")
+    where = "<corruption>/<severity>/ (each a drop-in --data-root)" if layout == "qshift" else "TCR's *-IP/ image roots"
+    console.print(f"wrote {n} images under {out}/{where}")
 
 
 @shifts_app.command("preview")

@@ -170,12 +170,20 @@ def karpathy_task(ds: ImageTextDataset, benchmark: str, shift_seed: int = 0):
                      f"{ds.name}-c/i2t/<corruption>/<1-5> or {ds.name}-c/t2i/<perturbation>/<level>")
 
 
+TCR_LAYOUT = {"coco": ("coco-IP", "COCO_IP"), "flickr": ("flickr-IP", "Flickr30K_IP")}
+
+
 def materialize(ds: ImageTextDataset, data_root: str | Path, annotation: str | Path, out: str | Path,
-                corruptions: Sequence[str], severities: Sequence[int], seed: int = 0, progress: bool = True) -> int:
-    """Write corrupted copies: ``<out>/<corruption>/<severity>/`` holds the same relative image paths
-    as ``data_root`` and a copy of the annotation file, so each folder is a drop-in ``--data-root``.
-    Pixels equal what the on-the-fly benchmark streams (same seeds); images are saved losslessly as
-    PNG when the name ends in .png, otherwise as JPEG at quality 95.  Returns the number of files."""
+                corruptions: Sequence[str], severities: Sequence[int], seed: int = 0, progress: bool = True,
+                layout: str = "qshift") -> int:
+    """Write corrupted copies of the images, with the same relative paths as ``data_root``.
+
+    ``layout="qshift"``: ``<out>/<corruption>/<severity>/`` plus a copy of the annotation file, so each
+    folder is a drop-in ``--data-root``.  ``layout="tcr"`` (COCO / Flickr): TCR's image roots,
+    ``<out>/coco-IP/COCO_IP_<corruption>_<severity>/`` and ``<out>/flickr-IP/Flickr30K_IP_<corruption>_<severity>/``
+    (TCR keeps its annotations apart, under its ``ann_root``).  Pixels equal what the on-the-fly
+    benchmark streams (same seeds); images are saved as PNG when the name ends in .png, otherwise as
+    JPEG at quality 95.  Returns the number of files written."""
     import shutil
 
     from tqdm.auto import tqdm
@@ -183,6 +191,10 @@ def materialize(ds: ImageTextDataset, data_root: str | Path, annotation: str | P
     from qshift.shifts.image import available_corruptions
 
     root = Path(data_root)
+    if layout not in ("qshift", "tcr"):
+        raise ValueError(f"layout must be 'qshift' or 'tcr', got {layout!r}")
+    if layout == "tcr" and ds.name not in TCR_LAYOUT:
+        raise ValueError(f"TCR's corrupted-copy layout exists for {sorted(TCR_LAYOUT)} only, not {ds.name!r}")
     if ds.image_reader is not None:
         raise ValueError(f"{ds.name}: its images live inside one file; materialize writes copies of image files "
                          "only (the on-the-fly benchmarks work for it)")
@@ -193,9 +205,14 @@ def materialize(ds: ImageTextDataset, data_root: str | Path, annotation: str | P
     n = 0
     bar = tqdm(total=len(jobs) * len(ds), desc="materialize", unit="img", disable=not progress)
     for c, s in jobs:
-        dest = Path(out) / c / str(s)
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(annotation, dest / Path(annotation).name)
+        if layout == "tcr":
+            parent, prefix = TCR_LAYOUT[ds.name]
+            dest = Path(out) / parent / f"{prefix}_{c}_{s}"
+            dest.mkdir(parents=True, exist_ok=True)
+        else:
+            dest = Path(out) / c / str(s)
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(annotation, dest / Path(annotation).name)
         images = CorruptedImages(ds.image_paths, c, s, seed)
         for i, src in enumerate(ds.image_paths):
             target = dest / src.relative_to(root)
