@@ -91,18 +91,26 @@ class GridSpec(BaseModel):
 _C16 = "world-c/i2t/*/5"
 _CHAR6 = ["world-c/t2i/keyboard/6", "world-c/t2i/ocr/6", "world-c/t2i/char_insert/6",
           "world-c/t2i/char_substitute/6", "world-c/t2i/char_swap/6", "world-c/t2i/char_delete/6"]
+_TABLE = ["world-clean/i2t", "world-clean/t2i", "world-c/i2t/*/5", "world-c/i2t/*/3", "world-c/t2i/*/6",
+          "world-qgs/*/i2t", "world-qgs/*/t2i"]
 PRESETS: dict[str, dict[str, Any]] = {
     # every method on the severity-5 corruptions and level-6 character perturbations
     "world-qs": {"methods": list(BASELINES), "benchmarks": [_C16, *_CHAR6]},
     "world-qgs": {"methods": list(BASELINES), "benchmarks": ["world-qgs/*/i2t", "world-qgs/*/t2i"]},
-    "world-diverse": {"methods": ["source", "tcr", "rest"], "benchmarks": ["world-diverse/i2t/c8-s5/order*"]},
     # the README grid: world-qs plus the diverse streams for source / tcr / rest
     "world-readme": {"methods": list(BASELINES),
                      "benchmarks": [_C16, *_CHAR6, "world-diverse/i2t/c8-s5/order*"],
                      "only": {"world-diverse/*": ["source", "tcr", "rest"]},
                      "diagnostics": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5", "world-c/t2i/keyboard/6"]},
-    # the methods issue's table: source / tcr / rest over three seeds (stream order and method randomness)
-    "world-3seeds": {"methods": ["source", "tcr", "rest"], "benchmarks": [_C16, *_CHAR6], "seeds": [0, 1, 2]},
+    # the methods issue's table: every method, 1 seed, on clean queries (the control), the 16 corruptions at
+    # severities 5 and 3, every text perturbation at level 6 and the QGS domains; run world-3seeds into the
+    # same folder for seeds 1 and 2 of source / tcr / rest (seed-0 cells are shared, not rerun)
+    "world-methods": {"methods": list(BASELINES), "benchmarks": _TABLE},
+    "world-3seeds": {"methods": ["source", "tcr", "rest"], "benchmarks": _TABLE, "seeds": [0, 1, 2]},
+    # diverse shift: an i2t stream through 8 domains mixing corruptions and render domains, a t2i stream
+    # mixing text perturbations and caption styles, 3 domain orders each
+    "world-diverse": {"methods": ["source", "tent", "eta", "sar", "tcr", "rest"],
+                      "benchmarks": ["world-diverse/i2t/mix8/order*", "world-diverse/t2i/mix8/order*"]},
     # REST ablation: each switch of METHOD.md §4–§5 against the default, on a diverse stream (online
     # mean vs clean R@1 after it: the Pareto pair) and four severe corruptions
     "rest-ablation": {"methods": [
@@ -120,7 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         {"name": "rest", "label": "rest[lambda_a=1]", "options": {"lambda_a": 1.0}},
         {"name": "rest", "label": "rest[sliding]", "options": {"refresh": "sliding"}},
         {"name": "rest", "label": "rest[refresh-on-shift]", "options": {"refresh": "refresh-on-shift"}}],
-        "benchmarks": ["world-diverse/i2t/c8-s5/order0", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5",
+        "benchmarks": ["world-diverse/i2t/mix8/order0", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5",
                        "world-c/i2t/pixelate/5", "world-c/t2i/keyboard/6"]},
     # what `qshift demo` runs: a representative subset, about five minutes on two CPU cores
     "demo": {"methods": ["source", "tent", "tcr", "rest"],
