@@ -37,6 +37,16 @@ def time_methods(model, gallery, gallery_ids, items, methods, repeats):
     return out
 
 
+def print_table(t: dict[str, float]) -> None:
+    """Seconds per batch, the ratio to inference, and REST / TCR."""
+    base = t["source"]
+    print(f"{'method':<10} {'s/batch':>9} {'× inference':>12}")
+    for name, v in t.items():
+        print(f"{name:<10} {v:>9.3f} {v / base:>12.1f}")
+    if "rest" in t and "tcr" in t:
+        print(f"REST / TCR = {t['rest'] / t['tcr']:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -59,12 +69,7 @@ def main() -> None:
     print(f"world model, i2t, B = {args.batch}, gallery {len(gallery)}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
     t = time_methods(model, gallery, torch.as_tensor(test.caption_image), items, methods, args.repeats)
-    base = t["source"]
-    print(f"{'method':<10} {'s/batch':>9} {'× inference':>12}")
-    for name, v in t.items():
-        print(f"{name:<10} {v:>9.3f} {v / base:>12.1f}")
-    if "rest" in t and "tcr" in t:
-        print(f"REST / TCR = {t['rest'] / t['tcr']:.2f}")
+    print_table(t)
     try:
         import open_clip  # noqa: F401
     except ImportError:
@@ -92,12 +97,7 @@ def time_openclip(batch: int, repeats: int, methods: list[str], gallery_size: in
     if "source" not in methods:
         methods = ["source", *methods]
     t = time_methods(model, gallery, gallery_ids, items, methods, repeats)
-    base = t["source"]
-    print(f"{'method':<10} {'s/batch':>9} {'× inference':>12}")
-    for name, v in t.items():
-        print(f"{name:<10} {v:>9.3f} {v / base:>12.1f}")
-    if "rest" in t and "tcr" in t:
-        print(f"REST / TCR = {t['rest'] / t['tcr']:.2f}")
+    print_table(t)
     print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

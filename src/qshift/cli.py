@@ -43,25 +43,37 @@ def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_
     """qshift: REST, TCR and test-time adaptation baselines for cross-modal retrieval."""
 
 
+# options shared by eval / run / diagnose for real backbones and datasets
+ModelOpt = Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
+                                                       "custom:module:factory")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="A real dataset instead of the world: coco, flickr, cuhk-pedes, "
+                                                        "icfg-pedes, nocaps[-in|-near|-out], fashiongen; benchmarks then "
+                                                        "read coco/i2t, coco-c/i2t/fog/5, …")]
+DataRootOpt = Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")]
+AnnotationOpt = Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name in --data-root).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
+PreprocessOpt = Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Weights: a world-model file, or a real backbone's tag / "
+                                                        "checkpoint (default: the shipped world model).")]
+
+
 @app.command("eval")
 def eval_cmd(
     direction: Annotated[Direction, typer.Option(help="Retrieval direction(s) to report.")] = Direction.both,
     split: Annotated[Split, typer.Option(help="Embedded world split: test (2,000 images), test1k or val.")] = Split.test,
-    weights: Annotated[Optional[str], typer.Option(help="Weights: a world-model file, or a real backbone's tag / "
-                                                       "checkpoint (default: the shipped world model).")] = None,
+    weights: WeightsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 256,
     benchmark: Annotated[Optional[list[str]], typer.Option(
         "--benchmark", "-b", help="A registered benchmark (repeatable; `qshift shifts list`). "
                                   "Without it: the clean split, in --direction.")] = None,
     shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
-    model: Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
-                                                       "custom:module:factory (others need --benchmark)")] = "world",
-    dataset: Annotated[Optional[str], typer.Option(help="A real dataset instead of the world (see `run`).")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")] = None,
-    annotation: Annotated[Optional[Path], typer.Option(help="Annotation file.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    preprocess: Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")] = "model",
+    model: ModelOpt = "world",
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    annotation: AnnotationOpt = None,
+    device: DeviceOpt = "cpu",
+    preprocess: PreprocessOpt = "model",
 ) -> None:
     """Evaluate the source model (no adaptation): the clean embedded test set, or named benchmarks."""
     from qshift.bench.evaluate import evaluate_task, evaluate_world_split
@@ -178,19 +190,14 @@ def run_cmd(
                       "batch_size, steps, lr, weight_decay, scoring, reset, seed; anything else goes to the method.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")] = False,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the run's result JSON.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Weights: a world-model file, an open_clip tag or "
-                                                       "checkpoint (default: the shipped world model).")] = None,
+    weights: WeightsOpt = None,
     shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
-    model: Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
-                                                       "custom:module:factory")] = "world",
-    dataset: Annotated[Optional[str], typer.Option(help="A real dataset instead of the world: coco, flickr, "
-                                                        "cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out], fashiongen; benchmarks "
-                                                        "then read coco/i2t, coco-c/i2t/fog/5, …")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")] = None,
-    annotation: Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name in "
-                                                            "--data-root).")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    preprocess: Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")] = "model",
+    model: ModelOpt = "world",
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    annotation: AnnotationOpt = None,
+    device: DeviceOpt = "cpu",
+    preprocess: PreprocessOpt = "model",
 ) -> None:
     """Run one method online over one benchmark stream and report online R@1/5/10 and mAP."""
     from dataclasses import fields
@@ -247,15 +254,13 @@ def run_cmd(
 def diagnose_cmd(
     benchmark: Annotated[str, typer.Option(help="A registered benchmark (`qshift shifts list`).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    weights: Annotated[Optional[str], typer.Option(help="Weights: a world-model file, an open_clip tag or "
-                                                       "checkpoint (default: the shipped world model).")] = None,
-    model: Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
-                                                       "custom:module:factory")] = "world",
-    dataset: Annotated[Optional[str], typer.Option(help="A real dataset instead of the world (see `run`).")] = None,
-    data_root: Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")] = None,
-    annotation: Annotated[Optional[Path], typer.Option(help="Annotation file.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    preprocess: Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")] = "model",
+    weights: WeightsOpt = None,
+    model: ModelOpt = "world",
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    annotation: AnnotationOpt = None,
+    device: DeviceOpt = "cpu",
+    preprocess: PreprocessOpt = "model",
 ) -> None:
     """Uniformity, query–gallery gap, consistency, top-1 similarity and REST's gradient angle: clean vs shifted."""
     from qshift.bench.diagnose import diagnose_task

@@ -80,19 +80,37 @@ def blip_rule(modality: str):
     return lambda tower: named_layernorms(tower, lambda n: True, prefix=prefix)
 
 
+def _load(cls, path: str | Path, what: str, device: str, grad_checkpointing: bool, preprocess: str):
+    """(model, folder, image transform) for a saved transformers model, in eval mode on ``device``."""
+    if preprocess not in ("model", "tcr"):
+        raise ValueError(f"preprocess must be 'model' or 'tcr', got {preprocess!r}")
+    p = _check_dir(path, what)
+    model = cls.from_pretrained(str(p)).to(device).eval()
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    size = model.config.vision_config.image_size
+    # tcr: square resize to the config's size (384 for the BLIP retrieval checkpoints), CLIP mean / std
+    transform = _processor_transform(p, size, CLIP_MEAN, CLIP_STD) if preprocess == "model" else tcr_transform(size)
+    freeze_all([model])
+    return model, p, transform
+
+
+def _wrap(model, encoders, towers, query_modality: str, rule, device: str, autocast: str | None) -> DualTowerModel:
+    rm = DualTowerModel(encoders, towers, query_modality, adaptable=rule(query_modality), device=device,
+                        autocast=autocast)
+    for _, prm in rm.adaptable_parameters():
+        prm.requires_grad_(True)
+    rm.hf_model = model
+    return rm
+
+
 def load_hf_clip(path: str | Path, query_modality: str = "image", *, preprocess: str = "model",
                  device: str = "cpu", autocast: str | None = None, grad_checkpointing: bool = False) -> DualTowerModel:
     """A ``transformers`` CLIPModel saved in ``path`` as a RetrievalModel."""
     from transformers import CLIPModel
 
-    p = _check_dir(path, "CLIP model")
-    model = CLIPModel.from_pretrained(str(p)).to(device).eval()
-    if grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    size = model.config.vision_config.image_size
-    transform = _processor_transform(p, size, CLIP_MEAN, CLIP_STD) if preprocess == "model" else tcr_transform(size)
+    model, p, transform = _load(CLIPModel, path, "CLIP model", device, grad_checkpointing, preprocess)
     tok = _tokenizer(p, model.config.text_config.max_position_embeddings)
-    freeze_all([model])
 
     def enc_image(batch: Any) -> torch.Tensor:
         out = model.vision_model(pixel_values=images_to_tensor(batch, transform, device))
@@ -103,13 +121,8 @@ def load_hf_clip(path: str | Path, query_modality: str = "image", *, preprocess:
         out = model.text_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
         return model.text_projection(out.pooler_output)
 
-    rm = DualTowerModel({"image": enc_image, "text": enc_text},
-                        {"image": model.vision_model, "text": model.text_model}, query_modality,
-                        adaptable=clip_rule(query_modality), device=device, autocast=autocast)
-    for _, prm in rm.adaptable_parameters():
-        prm.requires_grad_(True)
-    rm.hf_model = model
-    return rm
+    return _wrap(model, {"image": enc_image, "text": enc_text}, {"image": model.vision_model, "text": model.text_model},
+                 query_modality, clip_rule, device, autocast)
 
 
 def load_hf_blip(path: str | Path, query_modality: str = "image", *, preprocess: str = "model",
@@ -117,15 +130,8 @@ def load_hf_blip(path: str | Path, query_modality: str = "image", *, preprocess:
     """A ``transformers`` BlipForImageTextRetrieval saved in ``path``, through its ITC embeddings."""
     from transformers import BlipForImageTextRetrieval
 
-    p = _check_dir(path, "BLIP model")
-    model = BlipForImageTextRetrieval.from_pretrained(str(p)).to(device).eval()
-    if grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    size = model.config.vision_config.image_size
-    # tcr: square resize to the config's size (384 for the BLIP retrieval checkpoints), CLIP mean / std
-    transform = _processor_transform(p, size, CLIP_MEAN, CLIP_STD) if preprocess == "model" else tcr_transform(size)
+    model, p, transform = _load(BlipForImageTextRetrieval, path, "BLIP model", device, grad_checkpointing, preprocess)
     tok = _tokenizer(p, 35)
-    freeze_all([model])
 
     def enc_image(batch: Any) -> torch.Tensor:
         hidden = model.vision_model(pixel_values=images_to_tensor(batch, transform, device))[0]
@@ -136,10 +142,5 @@ def load_hf_blip(path: str | Path, query_modality: str = "image", *, preprocess:
         hidden = model.text_encoder(input_ids=t["input_ids"], attention_mask=t["attention_mask"])[0]
         return model.text_proj(hidden[:, 0, :])
 
-    rm = DualTowerModel({"image": enc_image, "text": enc_text},
-                        {"image": model.vision_model, "text": model.text_encoder}, query_modality,
-                        adaptable=blip_rule(query_modality), device=device, autocast=autocast)
-    for _, prm in rm.adaptable_parameters():
-        prm.requires_grad_(True)
-    rm.hf_model = model
-    return rm
+    return _wrap(model, {"image": enc_image, "text": enc_text},
+                 {"image": model.vision_model, "text": model.text_encoder}, query_modality, blip_rule, device, autocast)
