@@ -73,3 +73,4 @@ def test_set_values_parse_like_numbers_and_yaml():
 
     assert _parse_value("1e-3") == 0.001 and isinstance(_parse_value("3"), int)
     assert _parse_value("true") is True and _parse_value("mutual") == "mutual" and _parse_value("[1, 2]") == [1, 2]
+    assert _parse_value("off") == "off" and _parse_value("no") == "no" and _parse_value("None") is None

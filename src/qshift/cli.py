@@ -146,7 +146,8 @@ def _print_rows(rows, title: str, t0: float) -> None:
 
 
 def _parse_value(text: str):
-    """A --set value: int, float (``1e-3`` included, which YAML 1.1 reads as a string), else YAML."""
+    """A --set value: int, float (``1e-3`` too), true / false, none, a YAML list or mapping, else the string
+    itself (so ``consistency=off`` stays the word "off", which YAML 1.1 would read as False)."""
     import yaml
 
     for cast in (int, float):
@@ -154,7 +155,14 @@ def _parse_value(text: str):
             return cast(text)
         except ValueError:
             pass
-    return yaml.safe_load(text)
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if text.strip()[:1] in ("[", "{"):
+        return yaml.safe_load(text)
+    return text
 
 
 def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],
