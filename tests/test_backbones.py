@@ -148,6 +148,9 @@ def test_karpathy_formats_and_early_errors(tmp_path):
     flickr = tiny_karpathy(tmp_path / "flickr", "flickr", n_images=3, captions_as_list=False)
     fds = load_karpathy("flickr", flickr)
     assert len(fds.captions) == 3 and fds.captions[0] == "a red dog, on the mat 0"
+    (root / "images" / "img_002.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(OSError, match="unreadable image .*img_002.jpg"):
+        load_karpathy("coco", root)
     (root / "images" / "img_001.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         load_karpathy("coco", root)

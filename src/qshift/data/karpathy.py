@@ -99,11 +99,22 @@ def load_karpathy(dataset: str, data_root: str | Path, annotation: str | Path | 
             caps.append(c)
             owner.append(i)
     if check_images:
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} of {len(paths)} images listed in {ann} are missing under {root}, "
-                                    f"e.g. {missing[0]}; check --data-root")
+        check_image_files(paths, ann, root)
     return ImageTextDataset(dataset, paths, caps, np.asarray(owner, dtype=np.int64))
+
+
+def check_image_files(paths: list[Path], ann: Path, root: Path) -> None:
+    """Fail early when listed images are missing or unreadable (headers only: fast)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images listed in {ann} are missing under {root}, "
+                                f"e.g. {missing[0]}; check --data-root")
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.size  # noqa: B018  (reads the header)
+        except OSError as e:
+            raise OSError(f"unreadable image {p} (listed in {ann}): {e}; re-download or remove it") from e
 
 
 def read_rgb(path: Path) -> np.ndarray:

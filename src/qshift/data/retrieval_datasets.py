@@ -40,10 +40,9 @@ def _read_json(root: Path, annotation: str | Path | None, default: str, name: st
 
 
 def _check_images(paths: list[Path], ann: Path, root: Path) -> None:
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images listed in {ann} are missing under {root}, "
-                                f"e.g. {missing[0]}; check --data-root")
+    from qshift.data.karpathy import check_image_files
+
+    check_image_files(paths, ann, root)
 
 
 def load_pedes(name: str, data_root: str | Path, annotation: str | Path | None = None, split: str = "test",
