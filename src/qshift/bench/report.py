@@ -339,9 +339,10 @@ def plot_diagnostics(diags: list[dict], out_dir: Path) -> Path | None:
         if k == "angle_deg":
             ax.axhline(90, color="grey", ls="--", lw=0.8)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2)  # outside the panels: bars stay visible
     fig.suptitle("Diagnostics at the source model: clean vs shifted queries of the same items")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     p = out_dir / "diagnostics.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
