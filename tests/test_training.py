@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from qshift.data import world
@@ -58,3 +59,41 @@ def test_piece_dropout_never_empties_a_word():
     rate = ((pieces[:, 0, :3] > 0) & (out[:, 0, :3] == 0)).float().mean()
     assert 0.3 < rate < 0.55
     assert torch.equal(drop_pieces(pieces, 0.0, torch.Generator()), pieces)
+
+
+def test_misspell_makes_the_asked_number_of_edits():
+    import numpy as np
+    from qshift.train.world_training import misspell
+
+    def dist(a: str, b: str) -> int:  # optimal string alignment distance (swap = one edit)
+        d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i in range(len(a) + 1):
+            d[i][0] = i
+        for j in range(len(b) + 1):
+            d[0][j] = j
+        for i in range(1, len(a) + 1):
+            for j in range(1, len(b) + 1):
+                d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+                if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                    d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+        return d[-1][-1]
+
+    rng = np.random.default_rng(0)
+    one = [dist("triangle", misspell("triangle", rng)) for _ in range(200)]
+    three = [dist("triangle", misspell("triangle", rng, edits=3)) for _ in range(200)]
+    assert max(one) <= 1  # (OSA distance is not a metric, so 3 edits can measure 4 on rare swap overlaps)
+    assert np.mean(np.array(three) <= 3) > 0.95 and np.mean(np.array(three) >= 2) > 0.5
+    assert np.mean(three) > np.mean(one) + 0.8  # more edits really change more
+    assert misspell("of", rng, edits=3) == "of"
+
+
+def test_typo_table_default_is_unchanged_by_the_max_edits_option():
+    from qshift.models.world_model import WorldDualEncoder
+    from qshift.train.world_training import typo_table
+    model = WorldDualEncoder()
+    vocab = ["", "red", "triangle", "above"]
+    a = typo_table(model, vocab, 4, seed=0)
+    assert torch.equal(a, typo_table(model, vocab, 4, seed=0, max_edits=1))
+    assert not torch.equal(a, typo_table(model, vocab, 4, seed=0, max_edits=3))
+    with pytest.raises(ValueError):
+        typo_table(model, vocab, 4, seed=0, max_edits=0)

@@ -482,6 +482,8 @@ def train_world_model_cmd(
     steps: Annotated[Optional[int], typer.Option(min=1, help="Optimiser steps (default: the shipped model's).")] = None,
     pool_size: Annotated[Optional[int], typer.Option(min=256, help="Rendered training scenes.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(min=1, help="Validate every N steps.")] = None,
+    typo_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of caption words misspelt.")] = None,
+    typo_max_edits: Annotated[Optional[int], typer.Option(min=1, help="Edits per misspelling, 1..N.")] = None,
 ) -> None:
     """Train the embedded world's source model from scratch, as the shipped one was trained."""
     from dataclasses import replace
@@ -490,7 +492,8 @@ def train_world_model_cmd(
     from qshift.train.world_training import TrainConfig, train_world_model
 
     cfg = TrainConfig(seed=seed)
-    overrides = {k: v for k, v in {"steps": steps, "pool_size": pool_size, "eval_every": eval_every}.items() if v is not None}
+    overrides = {k: v for k, v in {"steps": steps, "pool_size": pool_size, "eval_every": eval_every, "typo_p": typo_p,
+                                   "typo_max_edits": typo_max_edits}.items() if v is not None}
     cfg = replace(cfg, **overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, record = train_world_model(cfg, out=None, log=lambda s: console.print(s))

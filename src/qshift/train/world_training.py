@@ -66,6 +66,8 @@ class TrainConfig:
     # ``typo_variants`` fixed misspellings of it (one random insert / delete / substitute / swap)
     typo_p: float = 0.1
     typo_variants: int = 16
+    # each misspelling makes 1..typo_max_edits edits (uniform); 1 reproduces the shipped v3 weights
+    typo_max_edits: int = 1
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -175,10 +177,17 @@ def build_pool(cfg: TrainConfig, progress: bool = True) -> Pool:
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def misspell(word: str, rng: np.random.Generator) -> str:
-    """``word`` with one random character edit (insert, delete, substitute or adjacent swap)."""
+def misspell(word: str, rng: np.random.Generator, edits: int = 1) -> str:
+    """``word`` with ``edits`` successive random character edits (insert, delete, substitute or
+    adjacent swap); words shorter than 3 characters are left alone."""
     if len(word) < 3:
         return word
+    for _ in range(edits - 1):
+        word = _one_edit(word, rng) if len(word) >= 3 else word
+    return _one_edit(word, rng) if len(word) >= 3 else word
+
+
+def _one_edit(word: str, rng: np.random.Generator) -> str:
     i = int(rng.integers(len(word)))
     op = int(rng.integers(4))
     c = _LETTERS[int(rng.integers(26))]
@@ -192,12 +201,20 @@ def misspell(word: str, rng: np.random.Generator) -> str:
     return word[:i] + word[i + 1] + word[i] + word[i + 2:]
 
 
-def typo_table(model: WorldDualEncoder, vocab: list[str], k: int, seed: int) -> torch.Tensor:
-    """[V, 1 + k, P] piece ids: slot 0 the word itself, slots 1..k fixed misspellings of it."""
+def typo_table(model: WorldDualEncoder, vocab: list[str], k: int, seed: int, max_edits: int = 1) -> torch.Tensor:
+    """[V, 1 + k, P] piece ids: slot 0 the word itself, slots 1..k fixed misspellings of it, each with
+    1..``max_edits`` edits."""
+    if max_edits < 1:
+        raise ValueError(f"max_edits must be at least 1, got {max_edits}")
     tok = model.tokenizer
     rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
-    rows = [[tok.word_pieces(w) if w else ()] + [tok.word_pieces(misspell(w, rng)) if w else () for _ in range(k)]
-            for w in vocab]
+
+    def variant(w: str) -> tuple[int, ...]:
+        # with max_edits == 1 no extra number is drawn, so the shipped table is reproduced exactly
+        edits = 1 if max_edits == 1 else int(rng.integers(1, max_edits + 1))
+        return tok.word_pieces(misspell(w, rng, edits))
+
+    rows = [[tok.word_pieces(w) if w else ()] + [variant(w) if w else () for _ in range(k)] for w in vocab]
     P = max(len(r) for row in rows for r in row)
     out = torch.zeros(len(vocab), 1 + k, P, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -302,7 +319,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
     pool = build_pool(cfg, progress=progress)
     t_pool = time.time() - t0
     log(f"pool: {len(pool.images)} scenes, vocab {len(pool.vocab)} words, rendered in {t_pool:.0f}s")
-    table = typo_table(model, pool.vocab, cfg.typo_variants, cfg.seed)
+    table = typo_table(model, pool.vocab, cfg.typo_variants, cfg.seed, cfg.typo_max_edits)
     val = world.load_split("val")
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -352,7 +369,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         "train_config": asdict(cfg),
         "model_config": asdict(model.cfg),
         "augmentations": {**AUGMENTATIONS, **({"noise_p": cfg.noise_p} if cfg.noise_p is not None else {}),
-                          "piece_dropout": cfg.piece_dropout, "typo_p": cfg.typo_p},
+                          "piece_dropout": cfg.piece_dropout, "typo_p": cfg.typo_p, "typo_max_edits": cfg.typo_max_edits},
         "hard_negatives_per_image": N_HARD if cfg.hard_negatives else 0,
         "pool_seconds": round(t_pool, 1),
         "train_seconds": round(time.time() - t_train, 1),
