@@ -97,3 +97,23 @@ def test_typo_table_default_is_unchanged_by_the_max_edits_option():
     assert not torch.equal(a, typo_table(model, vocab, 4, seed=0, max_edits=3))
     with pytest.raises(ValueError):
         typo_table(model, vocab, 4, seed=0, max_edits=0)
+
+
+def test_fine_tuning_one_tower_leaves_the_other_untouched(tmp_path, monkeypatch):
+    small_val = world.generate_world(seed=99, n_images=16)
+    monkeypatch.setattr(world, "load_split", lambda name: small_val)
+    mc = WorldModelConfig(image_width=32, image_depth=1, text_width=32, text_depth=1, heads=2, embed_dim=16,
+                          stem_channels=(8, 16))
+    start = WorldDualEncoder(mc)
+    start.save(tmp_path / "start.pt", half=False)
+    base = WorldDualEncoder.load(tmp_path / "start.pt")
+    cfg = TrainConfig(steps=4, batch_size=8, pool_size=256, eval_every=4, warmup=1, lr=1e-2, workers=1,
+                      init_from=str(tmp_path / "start.pt"), train_towers="text", typo_p=0.3, typo_max_edits=3)
+    model, rec = train_world_model(cfg, progress=False, log=lambda _: None)
+    for (name, p), (_, q) in zip(model.visual.named_parameters(), base.visual.named_parameters()):
+        assert torch.equal(p, q), f"frozen image tower changed: {name}"
+    assert float(model.logit_scale.detach()) == float(base.logit_scale.detach())
+    assert any(not torch.equal(p, q) for p, q in zip(model.text.parameters(), base.text.parameters()))
+    assert rec["train_config"]["init_from"].endswith("start.pt")
+    with pytest.raises(ValueError, match="init_from"):
+        train_world_model(TrainConfig(train_towers="text"), progress=False, log=lambda _: None)

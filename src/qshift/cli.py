@@ -484,8 +484,14 @@ def train_world_model_cmd(
     eval_every: Annotated[Optional[int], typer.Option(min=1, help="Validate every N steps.")] = None,
     typo_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of caption words misspelt.")] = None,
     typo_max_edits: Annotated[Optional[int], typer.Option(min=1, help="Edits per misspelling, 1..N.")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune from these weights instead of from scratch.")]
+    = None,
+    train_towers: Annotated[Optional[str], typer.Option(help="With --init-from: both | text | image (the other "
+                                                             "tower stays frozen).")] = None,
 ) -> None:
-    """Train the embedded world's source model from scratch, as the shipped one was trained."""
+    """Train the embedded world's source model from scratch, as the shipped one was trained (or fine-tune one:
+    --init-from, --train-towers)."""
     from dataclasses import replace
 
     from qshift.train.model_card import write_model_card
@@ -493,7 +499,9 @@ def train_world_model_cmd(
 
     cfg = TrainConfig(seed=seed)
     overrides = {k: v for k, v in {"steps": steps, "pool_size": pool_size, "eval_every": eval_every, "typo_p": typo_p,
-                                   "typo_max_edits": typo_max_edits}.items() if v is not None}
+                                   "typo_max_edits": typo_max_edits, "lr": lr,
+                                   "init_from": str(init_from) if init_from else None,
+                                   "train_towers": train_towers}.items() if v is not None}
     cfg = replace(cfg, **overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, record = train_world_model(cfg, out=None, log=lambda s: console.print(s))

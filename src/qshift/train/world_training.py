@@ -68,6 +68,10 @@ class TrainConfig:
     typo_variants: int = 16
     # each misspelling makes 1..typo_max_edits edits (uniform); 1 reproduces the shipped v3 weights
     typo_max_edits: int = 1
+    # fine-tuning instead of training from scratch: start from these weights, and train only the
+    # named tower ("both", "text" or "image"; the other is frozen and run without gradients)
+    init_from: str | None = None
+    train_towers: str = "both"
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -315,13 +319,28 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
     log = log or (lambda msg: print(msg, flush=True))
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    model = WorldDualEncoder(model_cfg or WorldModelConfig())
+    if cfg.train_towers not in ("both", "text", "image"):
+        raise ValueError(f"train_towers must be 'both', 'text' or 'image', got {cfg.train_towers!r}")
+    if cfg.init_from is not None:
+        if model_cfg is not None:
+            raise ValueError("init_from takes the model configuration from the checkpoint; do not pass model_cfg")
+        model = WorldDualEncoder.load(cfg.init_from).float()
+        log(f"fine-tuning from {cfg.init_from} (towers trained: {cfg.train_towers})")
+    else:
+        if cfg.train_towers != "both":
+            raise ValueError("training a single tower needs init_from (the other tower must come from somewhere)")
+        model = WorldDualEncoder(model_cfg or WorldModelConfig())
+    frozen = {"text": model.visual, "image": model.text}.get(cfg.train_towers)
+    if frozen is not None:
+        frozen.requires_grad_(False)
+        model.logit_scale.requires_grad_(False)
     pool = build_pool(cfg, progress=progress)
     t_pool = time.time() - t0
     log(f"pool: {len(pool.images)} scenes, vocab {len(pool.vocab)} words, rendered in {t_pool:.0f}s")
     table = typo_table(model, pool.vocab, cfg.typo_variants, cfg.seed, cfg.typo_max_edits)
     val = world.load_split("val")
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
+    trainable = [p for p in model.parameters() if p.requires_grad]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -342,8 +361,10 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
             words = torch.cat([F.pad(words, (0, L - words.shape[1])), F.pad(neg, (0, L - neg.shape[1]))])
         keep = int((words > 0).any(0).nonzero().max()) + 1
         pieces = drop_pieces(word_pieces_with_typos(table, words[:, :keep], cfg.typo_p, gen), cfg.piece_dropout, gen)
-        zi = F.normalize(model.visual(x), dim=-1)
-        zt = F.normalize(model.text(pieces), dim=-1)
+        with torch.set_grad_enabled(cfg.train_towers != "text"):
+            zi = F.normalize(model.visual(x), dim=-1)
+        with torch.set_grad_enabled(cfg.train_towers != "image"):
+            zt = F.normalize(model.text(pieces), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
         B = cfg.batch_size
         logits = scale * zi @ zt.T  # [B, B(+B)]
@@ -353,7 +374,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
             raise FloatingPointError(f"non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{scale.item():.1f}")
