@@ -61,7 +61,7 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
                       diagnostics=["world-c/i2t/fog/5"])
     out = tmp_path / "grid"
     counts = G.run_grid(spec, out, progress=False, log=lambda m: None)
-    assert counts == {"cells": 8, "skipped": 0, "done": 6, "failed": 2}
+    assert counts == {"cells": 8, "skipped": 0, "done": 6, "failed": 2, "stale": 0}
     fast = json.loads(G.cell_path(out, "world-c/i2t/fog/5", "tent-fast", 0).read_text())
     assert fast["config"]["lr"] == 0.01 and "lr" not in fast["config"]["method_options"]
     errors = sorted((out / "cells").glob("*/*/seed0.error.json"))
@@ -75,6 +75,14 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     again = G.run_grid(spec, out, progress=False, log=lambda m: None)
     assert again["skipped"] == 6 and again["done"] == 0 and again["failed"] == 2
     assert G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).stat().st_mtime_ns == before
+    # a method default that changed since a cell ran makes that cell stale: it is rerun, not trusted
+    p = G.cell_path(out, "world-c/i2t/fog/5", "tent-fast", 0)
+    cell = json.loads(p.read_text())
+    assert cell["config"]["method_resolved"] == G._expected_options(spec.methods[3])
+    cell["config"]["method_resolved"] = {"an_old_default": 1}
+    p.write_text(json.dumps(cell))
+    third = G.run_grid(spec, out, progress=False, log=lambda m: None)
+    assert third["stale"] == 1 and third["done"] == 1 and third["skipped"] == 5
 
 
 def test_report_tables_plots_and_readme_block(small_world, tmp_path):
@@ -155,3 +163,20 @@ def test_library_api_adapts_retrieves_and_resumes(tiny_model, tmp_path):
         qshift.Adapter(model, torch.ones(4, 16), gallery_is_embedded=True)
     with pytest.raises(ValueError, match="direction"):
         qshift.load_model("world", direction="x2y")
+
+
+def test_a_cell_run_with_other_method_defaults_is_stale(tmp_path):
+    from qshift.methods.base import resolved_options
+    m = G.MethodSpec(name="rest", label="rest[x]", options={"lambda_a": 0.5, "lr": 1e-3})
+    expected = G._expected_options(m)
+    assert expected["lambda_a"] == 0.5 and "lr" not in expected and expected["lambda_u"] == 1.0  # TCR's too
+    assert expected == resolved_options("rest", {"lambda_a": 0.5})
+    cell = tmp_path / "seed0.json"
+    cell.write_text(json.dumps({"metrics": {"R@1": 1.0}, "config": {"method_resolved": expected}}))
+    assert G._finished(cell, expected)
+    cell.write_text(json.dumps({"metrics": {"R@1": 1.0}, "config": {"method_resolved": {**expected, "tau_a": 9.0}}}))
+    assert not G._finished(cell, expected) and G._finished(cell)  # stale, though it holds metrics
+    cell.write_text(json.dumps({"metrics": {"R@1": 1.0}, "config": {}}))  # older cells, no record: trusted
+    assert G._finished(cell, expected)
+    cell.write_text('{"metrics": ')  # half-written
+    assert not G._finished(cell, expected)

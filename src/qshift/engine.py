@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 import qshift
 from qshift.methods import create
+from qshift.methods.base import resolved_options
 from qshift.models.protocol import RetrievalModel
 from qshift.retrieval.encode import encode_batched
 from qshift.retrieval.metrics import per_query_ranks_and_ap, summarise
@@ -183,7 +184,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     adapted, total = _count(model)
     return RunResult(
         benchmark=task.name, direction=task.direction,
-        config={**asdict(cfg), "lr": lr}, metrics=metrics, per_domain=per_domain,
+        config={**asdict(cfg), "lr": lr, "method_resolved": resolved_options(cfg.method, cfg.method_options)},
+        metrics=metrics, per_domain=per_domain,
         source_clean=source_clean, forgetting=forgetting, batches=batches,
         n_queries=int(ranks_t.numel()), n_gallery=int(len(gallery_ids)),
         params_adapted=adapted if method.adapts else 0, params_total=total,

@@ -190,11 +190,24 @@ def plan(spec: GridSpec, only: dict[str, list[str]] | None = None) -> list[tuple
     return cells
 
 
-def _finished(path: Path) -> bool:
+def _finished(path: Path, expected: dict[str, Any] | None = None) -> bool:
+    """A cell is finished when its JSON holds metrics and — where it recorded them — the method options
+    it resolved to are the ones this code would use now (a changed default makes the cell stale)."""
     try:
-        return "metrics" in json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    if "metrics" not in payload:
+        return False
+    stored = payload.get("config", {}).get("method_resolved")
+    if expected is not None and stored is not None and json.loads(json.dumps(stored)) != json.loads(json.dumps(expected)):
+        return False
+    return True
+
+
+def _expected_options(m: "MethodSpec") -> dict[str, Any]:
+    from qshift.methods.base import resolved_options
+    return resolved_options(m.name, {k: v for k, v in m.options.items() if k not in PROTOCOL_KEYS})
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -218,8 +231,15 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
     out.mkdir(parents=True, exist_ok=True)
     cells = plan(spec, only)
     _atomic_json(out / "grid.json", {"spec": spec.model_dump(), "only": only or {}, "cells": len(cells)})
-    todo = [c for c in cells if not _finished(cell_path(out, c[0], c[1].key, c[2]))]
-    counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "done": 0, "failed": 0}
+    todo, stale = [], 0
+    for c in cells:
+        p = cell_path(out, c[0], c[1].key, c[2])
+        if not _finished(p, _expected_options(c[1])):
+            todo.append(c)
+            stale += p.is_file() and _finished(p)
+    counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "done": 0, "failed": 0, "stale": stale}
+    if stale:
+        log(f"{stale} finished cell(s) ran with other method options than the current defaults; rerunning them")
     if counts["skipped"]:
         log(f"resuming: {counts['skipped']} of {len(cells)} cells already finished")
     encoder = load_world_model(spec.weights)

@@ -8,6 +8,7 @@ REST, ``gradients``).  Protocol concerns — streams, resets at domain boundarie
 """
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,24 @@ def create(name: str, model: RetrievalModel, gallery: torch.Tensor, **config: An
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
     return _REGISTRY[name](model, gallery, **config)
+
+
+def resolved_options(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every method-specific option of ``name`` with its effective value: the ``setup`` defaults
+    (through the class hierarchy, e.g. REST's include TCR's) overlaid with ``options``.  Stored in
+    each result so that a run says exactly what it ran, and a grid can tell a stale cell."""
+    import qshift.methods  # noqa: F401
+
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+    out: dict[str, Any] = {}
+    for klass in reversed(_REGISTRY[name].__mro__):
+        if "setup" in vars(klass):
+            for pname, prm in inspect.signature(vars(klass)["setup"]).parameters.items():
+                if prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY) and prm.default is not prm.empty:
+                    out[pname] = prm.default
+    out.update(options or {})
+    return out
 
 
 @dataclass
