@@ -93,6 +93,8 @@ _CHAR6 = ["world-c/t2i/keyboard/6", "world-c/t2i/ocr/6", "world-c/t2i/char_inser
           "world-c/t2i/char_substitute/6", "world-c/t2i/char_swap/6", "world-c/t2i/char_delete/6"]
 _TABLE = ["world-clean/i2t", "world-clean/t2i", "world-c/i2t/*/5", "world-c/i2t/*/3", "world-c/t2i/*/6",
           "world-qgs/*/i2t", "world-qgs/*/t2i"]
+_ABLATION_BENCHMARKS = ["world-diverse/i2t/mix8/order0", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5",
+                        "world-c/i2t/zoom_blur/5", "world-c/t2i/keyboard/6"]
 PRESETS: dict[str, dict[str, Any]] = {
     # every method on the severity-5 corruptions and level-6 character perturbations
     "world-qs": {"methods": list(BASELINES), "benchmarks": [_C16, *_CHAR6]},
@@ -120,22 +122,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         {"name": "rest", "label": "rest[no-decoupling]", "options": {"decoupling": False}},
         {"name": "rest", "label": "rest[no-consistency]", "options": {"consistency": "off"}},
         {"name": "rest", "label": "rest[mutual]", "options": {"consistency": "mutual"}},
+        {"name": "rest", "label": "rest[no-uniformity]", "options": {"lambda_u": 0.0}},
+        {"name": "rest", "label": "rest[no-gap]", "options": {"lambda_g": 0.0}},
         {"name": "rest", "label": "rest[reliable]", "options": {"signal": "reliable"}},
         {"name": "rest", "label": "rest[memory]", "options": {"signal": "memory"}},
         {"name": "rest", "label": "rest[always]", "options": {"mode": "always"}},
         {"name": "rest", "label": "rest[per-tensor]", "options": {"granularity": "per-tensor"}},
+        {"name": "rest", "label": "rest[lambda_a=0.01]", "options": {"lambda_a": 0.01}},
+        {"name": "rest", "label": "rest[lambda_a=1]", "options": {"lambda_a": 1.0}}],
+        "benchmarks": _ABLATION_BENCHMARKS, "max_queries": 6000},
+    # the remaining switches (optimiser, metric, anchor placement, queue refresh), same benchmarks
+    "rest-ablation-extra": {"methods": [
         {"name": "rest", "label": "rest[adam-metric]", "options": {"precondition": "adam"}},
         {"name": "rest", "label": "rest[sgd]", "options": {"optimizer": "sgd", "lr": 1e-3}},
         {"name": "rest", "label": "rest[anchor-unreliable]", "options": {"anchor_on": "unreliable"}},
-        {"name": "rest", "label": "rest[lambda_a=1]", "options": {"lambda_a": 1.0}},
-        {"name": "rest", "label": "rest[lambda_a=0.01]", "options": {"lambda_a": 0.01}},
-        {"name": "rest", "label": "rest[no-uniformity]", "options": {"lambda_u": 0.0}},
-        {"name": "rest", "label": "rest[no-gap]", "options": {"lambda_g": 0.0}},
         {"name": "rest", "label": "rest[sliding]", "options": {"refresh": "sliding"}},
         {"name": "rest", "label": "rest[refresh-on-shift]", "options": {"refresh": "refresh-on-shift"}}],
-        "benchmarks": ["world-diverse/i2t/mix8/order0", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5",
-                       "world-c/i2t/zoom_blur/5", "world-c/t2i/keyboard/6"],
-        "max_queries": 6000},
+        "benchmarks": _ABLATION_BENCHMARKS, "max_queries": 6000},
     # what `qshift demo` runs: a representative subset, about five minutes on two CPU cores
     "demo": {"methods": ["source", "tent", "tcr", "rest"],
              "benchmarks": ["world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5", "world-c/i2t/jpeg_compression/5",
