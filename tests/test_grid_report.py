@@ -180,3 +180,16 @@ def test_a_cell_run_with_other_method_defaults_is_stale(tmp_path):
     assert G._finished(cell, expected)
     cell.write_text('{"metrics": ')  # half-written
     assert not G._finished(cell, expected)
+
+
+def test_printed_tables_keep_bracketed_labels(monkeypatch):
+    from rich.console import Console
+    from qshift import cli
+    from qshift.bench.report import Table as ReportTable
+
+    rec = Console(record=True, width=120)
+    monkeypatch.setattr(cli, "console", rec)
+    t = ReportTable("Image corruptions", ["fog"], {"rest": [1.0], "rest[no-decoupling]": [2.0]})
+    cli._print_tables([t])
+    out = rec.export_text()
+    assert "rest[no-decoupling]" in out  # Rich would otherwise read "[no-decoupling]" as a style tag

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -315,7 +316,7 @@ def _print_tables(tables) -> None:
                 col = [rows[m][j] for m in competitors if rows[m][j] is not None]
                 best = v is not None and k in competitors and len(col) > 1 and v == max(col)
                 cells.append(_fmt_cell(v, best, "Δ" in cols[j]))
-            table.add_row(k, *cells)
+            table.add_row(escape(k), *cells)  # labels like rest[memory] are not Rich markup
         console.print(table)
 
 
