@@ -1,7 +1,8 @@
 """Would a higher-resolution world make the standard severities recoverable?  (a world-design probe)
 
     python benchmarks/world_resolution_probe.py [--scale 2] [--severity 5]
-        [--corruptions gaussian_noise,defocus_blur,contrast,zoom_blur] [--methods source,oracle]
+        [--corruptions gaussian_noise,defocus_blur,contrast,zoom_blur | all] [--methods source,oracle]
+        [--weights FILE.pt] [--out FILE.json]
 
 ImageNet-C severities are defined for ~224 px images; the world renders at 96 px.  This probe renders
 the 2,000 test scenes at ``96 × scale`` px, applies each corruption at that size (the library's own
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--corruptions", default="gaussian_noise,defocus_blur,contrast,zoom_blur")
     ap.add_argument("--methods", default="source,oracle")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--weights", type=Path, default=None, help="world model weights (default: the shipped ones)")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/world_resolution_probe_s<scale>.json")
     args = ap.parse_args()
     _SCALE = args.scale
     cors = list(CORRUPTIONS) if args.corruptions == "all" else args.corruptions.split(",")
@@ -71,14 +74,18 @@ def main() -> None:
             with Pool(args.workers) as pool:
                 q = np.concatenate(pool.map(_corrupt, chunks))
         task = dataclasses.replace(template, query_sets=[QuerySet(c, q, np.arange(len(test)))])
-        rows[c] = {m: run_online(WorldRetrievalModel(load_world_model(), "image"), task,
+        rows[c] = {m: run_online(WorldRetrievalModel(load_world_model(args.weights), "image"), task,
                                  RunConfig(method=m, seed=0), progress=False).metrics["R@1"]
                    for m in (["source"] if c == "clean" else args.methods.split(","))}
         print(c, {k: round(v, 1) for k, v in rows[c].items()}, flush=True)
-    out = Path(f"results/world_resolution_probe_s{args.scale}.json")
+    out = args.out or Path(f"results/world_resolution_probe_s{args.scale}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
+    gains = [r["oracle"] - r["source"] for r in rows.values() if "oracle" in r]
+    if gains:
+        print(f"mean oracle gain over source: {sum(gains) / len(gains):+.1f} ({len(gains)} corruptions)")
     tmp.write_text(json.dumps({"scale": args.scale, "severity": args.severity, "R@1": rows,
+                               "weights": str(args.weights or "shipped"),
                                "environment": environment(), "seconds": round(time.time() - t0, 1)}, indent=1))
     tmp.replace(out)
     print(f"({time.time() - t0:.0f}s) → {out}")

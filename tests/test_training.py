@@ -117,3 +117,23 @@ def test_fine_tuning_one_tower_leaves_the_other_untouched(tmp_path, monkeypatch)
     assert rec["train_config"]["init_from"].endswith("start.pt")
     with pytest.raises(ValueError, match="init_from"):
         train_world_model(TrainConfig(train_towers="text"), progress=False, log=lambda _: None)
+
+
+def test_standardisation_override_is_applied_saved_and_changes_the_forward(tmp_path, monkeypatch):
+    small_val = world.generate_world(seed=99, n_images=16)
+    monkeypatch.setattr(world, "load_split", lambda name: small_val)
+    mc = WorldModelConfig(image_width=32, image_depth=1, text_width=32, text_depth=1, heads=2, embed_dim=16,
+                          stem_channels=(8, 16), standardise_input=True)
+    WorldDualEncoder(mc).save(tmp_path / "start.pt", half=False)
+    cfg = TrainConfig(steps=2, batch_size=8, pool_size=256, eval_every=2, warmup=1, lr=0.0, workers=1,
+                      init_from=str(tmp_path / "start.pt"), train_towers="image", standardise_input=False,
+                      noise_p=0.0)
+    model, rec = train_world_model(cfg, out=tmp_path / "off.pt", progress=False, log=lambda _: None)
+    assert model.cfg.standardise_input is False and model.visual.standardise_input is False
+    assert rec["model_config"]["standardise_input"] is False and rec["augmentations"]["noise_p"] == 0.0
+    reloaded = WorldDualEncoder.load(tmp_path / "off.pt")
+    assert reloaded.visual.standardise_input is False
+    # lr 0: same weights as the start, so any difference in the forward is the standardisation switch
+    start = WorldDualEncoder.load(tmp_path / "start.pt")
+    x = torch.rand(2, 3, mc.image_size, mc.image_size) * 0.3
+    assert not torch.allclose(start.visual(x), model.visual(x), atol=1e-4)

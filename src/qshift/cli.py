@@ -490,6 +490,11 @@ def train_world_model_cmd(
     = None,
     train_towers: Annotated[Optional[str], typer.Option(help="With --init-from: both | text | image (the other "
                                                              "tower stays frozen).")] = None,
+    noise_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of training images given "
+                                                     "Gaussian pixel noise (shipped: 0.5).")] = None,
+    standardise: Annotated[Optional[bool], typer.Option("--standardise/--no-standardise", help="Per-image input "
+                                                        "standardisation in the image tower (default: as the "
+                                                        "model configuration / checkpoint).")] = None,
 ) -> None:
     """Train the embedded world's source model from scratch, as the shipped one was trained (or fine-tune one:
     --init-from, --train-towers)."""
@@ -502,12 +507,14 @@ def train_world_model_cmd(
     overrides = {k: v for k, v in {"steps": steps, "pool_size": pool_size, "eval_every": eval_every, "typo_p": typo_p,
                                    "typo_max_edits": typo_max_edits, "lr": lr,
                                    "init_from": str(init_from) if init_from else None,
-                                   "train_towers": train_towers}.items() if v is not None}
+                                   "train_towers": train_towers, "noise_p": noise_p,
+                                   "standardise_input": standardise}.items() if v is not None}
     cfg = replace(cfg, **overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, record = train_world_model(cfg, out=None, log=lambda s: console.print(s))
     card_path = write_model_card(model, record, out, command="qshift train-world-model " + " ".join(
-        [f"--seed {seed}"] + [f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()]))
+        [f"--seed {seed}"] + [("--standardise" if v else "--no-standardise") if k == "standardise_input"
+                              else f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()]))
     console.print(f"weights: {out}\nmodel card: {card_path}")
 
 

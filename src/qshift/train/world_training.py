@@ -72,6 +72,9 @@ class TrainConfig:
     # named tower ("both", "text" or "image"; the other is frozen and run without gradients)
     init_from: str | None = None
     train_towers: str = "both"
+    # overrides the image tower's per-image input standardisation (also of a checkpoint given by
+    # init_from); None keeps the model configuration's value
+    standardise_input: bool | None = None
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -330,6 +333,10 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         if cfg.train_towers != "both":
             raise ValueError("training a single tower needs init_from (the other tower must come from somewhere)")
         model = WorldDualEncoder(model_cfg or WorldModelConfig())
+    if cfg.standardise_input is not None:
+        model.cfg = replace(model.cfg, standardise_input=bool(cfg.standardise_input))
+        model.visual.standardise_input = bool(cfg.standardise_input)
+        log(f"input standardisation: {'on' if cfg.standardise_input else 'off'}")
     frozen = {"text": model.visual, "image": model.text}.get(cfg.train_towers)
     if frozen is not None:
         frozen.requires_grad_(False)
