@@ -1,6 +1,7 @@
 """Benchmark validity: can LayerNorm-only adaptation recover recall when it is given the labels?
 
-    python benchmarks/oracle_validity.py [--severity 5] [--corruptions a,b,...] [--out results/oracle_validity.json]
+    python benchmarks/oracle_validity.py [--severity 5] [--corruptions a,b,...] [--weights FILE.pt]
+        [--out results/oracle_validity.json]
 
 Runs `source` and the supervised `oracle` (METHOD.md §6; it uses labels, so it is an upper bound,
 never a competitor) online over each image corruption (i2t, 2,000-image test set) and prints online
@@ -13,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from qshift.bench.grid import model_identity
 from qshift.bench.registry import build_benchmark
 from qshift.engine import RunConfig, environment, run_online
 from qshift.models.world_model import WorldRetrievalModel, load_world_model
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("--severity", type=int, default=5)
     ap.add_argument("--corruptions", default=",".join(CORRUPTIONS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", type=Path, default=None, help="a candidate model (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=Path("results/oracle_validity.json"))
     args = ap.parse_args()
     t0 = time.time()
@@ -33,7 +36,7 @@ def main() -> None:
         task = build_benchmark(f"world-c/i2t/{c}/{args.severity}", progress=False)
         r = {}
         for method in ("source", "oracle"):
-            model = WorldRetrievalModel(load_world_model(), "image")
+            model = WorldRetrievalModel(load_world_model(args.weights), "image")
             r[method] = run_online(model, task, RunConfig(method=method, seed=args.seed), progress=False).metrics["R@1"]
         rows[c] = r
         print(f"{c:<18} {r['source']:>7.1f} {r['oracle']:>7.1f} {r['oracle'] - r['source']:>+6.1f}", flush=True)
@@ -43,6 +46,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"severity": args.severity, "seed": args.seed, "R@1": rows, "mean_gain": gain,
+                               "weights": str(args.weights or "shipped"), "model": model_identity(args.weights),
                                "environment": environment(), "seconds": round(time.time() - t0, 1)}, indent=1))
     tmp.replace(args.out)
 

@@ -22,6 +22,7 @@ import torch
 
 import qshift
 from qshift.bench.evaluate import evaluate_task
+from qshift.bench.grid import model_identity
 from qshift.bench.registry import QGS_DOMAINS, build_benchmark
 from qshift.data import world
 from qshift.models.world_model import load_world_model
@@ -100,7 +101,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"R@1": r1, "checks": checks, "shift_seed": args.seed, "qshift": qshift.__version__,
               "torch": str(torch.__version__), "platform": platform.platform(), "seconds": round(time.time() - t0, 1),
-              "weights_sha256_test": model.card.get("test_set", {}).get("sha256")}
+              "weights_sha256_test": model.card.get("test_set", {}).get("sha256"),
+              "model": model_identity(args.weights)}
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(args.out)

@@ -182,6 +182,19 @@ def test_a_cell_run_with_other_method_defaults_is_stale(tmp_path):
     assert not G._finished(cell, expected)
 
 
+def test_a_cell_made_with_another_world_model_is_stale(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"weights a")
+    b.write_bytes(b"weights b")
+    ida, idb = G.model_identity(a), G.model_identity(b)
+    assert ida != idb and len(ida["weights_sha256"]) == 64
+    cell = tmp_path / "seed0.json"
+    cell.write_text(json.dumps({"metrics": {"R@1": 1.0}, "config": {}, "model": ida}))
+    assert G._finished(cell, None, ida) and not G._finished(cell, None, idb)
+    cell.write_text(json.dumps({"metrics": {"R@1": 1.0}, "config": {}}))  # no record: made before it existed
+    assert not G._finished(cell, None, ida) and G._finished(cell)
+
+
 def test_printed_tables_keep_bracketed_labels(monkeypatch):
     from rich.console import Console
     from qshift import cli

@@ -35,7 +35,7 @@ def test_corruption_task_and_cache(small_world, tmp_path):
     assert task.direction == "i2t" and task.query_modality == "image"
     assert task.n_queries == 40 and len(task.gallery) == 200
     q = task.query_sets[0]
-    assert q.domain == "brightness-3" and q.items.shape == (40, 96, 96, 3)
+    assert q.domain == "brightness-3" and q.items.shape == (40, world.RENDER_SIZE, world.RENDER_SIZE, 3)
     assert not np.array_equal(q.items, task.clean_queries.items)
     cached = list((tmp_path / "cache").glob("corrupt-*.npy"))
     assert len(cached) == 1
@@ -55,7 +55,7 @@ def test_text_style_and_qgs_tasks(small_world):
     gi = registry.build_benchmark("world-style/formal/i2t")
     assert len(gi.gallery) == 40 and gi.gallery[0].startswith("this illustration")
     g = registry.build_benchmark("world-qgs/sketch/t2i")
-    assert g.gallery.shape == (40, 96, 96, 3)
+    assert g.gallery.shape == (40, world.RENDER_SIZE, world.RENDER_SIZE, 3)
     assert g.gallery.mean() > 180  # paper background
 
 
@@ -81,3 +81,25 @@ def test_mixed_kind_diverse_streams(small_world):
     assert all(len(q) == 20 for q in t.query_sets) and len(t.gallery) == 20
     first_domain = next(iter(t.stream(batch_size=8))).domains[0]
     assert first_domain == registry.DIVERSE_T2I_MIX8[t.domain_order[0]]
+
+
+def test_a_larger_render_size_gives_larger_images_cached_apart(small_world, tmp_path, monkeypatch):
+    small = registry.build_benchmark("world-c/i2t/gaussian_noise/5")
+    monkeypatch.setattr(world, "RENDER_SIZE", 2 * world.IMAGE_SIZE)
+    big = registry.build_benchmark("world-c/i2t/gaussian_noise/5")
+    assert big.query_sets[0].items.shape == (40, 2 * world.IMAGE_SIZE, 2 * world.IMAGE_SIZE, 3)
+    assert small.query_sets[0].items.shape[1] == world.IMAGE_SIZE
+    assert len(list((tmp_path / "cache").glob("corrupt-*.npy"))) == 2  # not served from the 96 px entry
+    assert len(list((tmp_path / "cache").glob("render-*.npy"))) == 2
+
+
+def test_render_size_comes_from_the_environment_and_is_checked():
+    import subprocess
+    import sys
+    code = "from qshift.data import world; print(world.RENDER_SIZE)"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "QSHIFT_RENDER_SIZE": "192"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "192"
+    bad = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "QSHIFT_RENDER_SIZE": "100"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "multiple of 96" in bad.stderr

@@ -115,6 +115,18 @@ def test_fine_tuning_one_tower_leaves_the_other_untouched(tmp_path, monkeypatch)
     assert float(model.logit_scale.detach()) == float(base.logit_scale.detach())
     assert any(not torch.equal(p, q) for p, q in zip(model.text.parameters(), base.text.parameters()))
     assert rec["train_config"]["init_from"].endswith("start.pt")
+    assert rec["parent"]["command"] is None and rec["chain_total_seconds"] == rec["total_seconds"]  # bare start
+    from qshift.train.model_card import render_card
+    model.save(tmp_path / "child.pt", card={**rec, "command": "child-cmd"}, half=False)
+    grand_cfg = TrainConfig(steps=1, batch_size=8, pool_size=256, eval_every=1, warmup=1, workers=1,
+                            init_from=str(tmp_path / "child.pt"), train_towers="text")
+    _, grand = train_world_model(grand_cfg, progress=False, log=lambda _: None)
+    assert grand["parent"]["command"] == "child-cmd"
+    assert grand["chain_total_seconds"] == pytest.approx(grand["total_seconds"] + rec["chain_total_seconds"], abs=0.2)
+    card = {**grand, "command": "grand-cmd", "clean_metrics": {}, "test_set": {"name": "t", "seed": 0, "n_images": 1,
+                                                                             "n_captions": 1, "sha256": "x"}}
+    text = render_card(card, "w.pt")
+    assert "Fine-tuned from a checkpoint made by `child-cmd`" in text and "whole chain" in text
     with pytest.raises(ValueError, match="init_from"):
         train_world_model(TrainConfig(train_towers="text"), progress=False, log=lambda _: None)
 

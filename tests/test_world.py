@@ -80,10 +80,29 @@ def test_generation_and_rendering_are_deterministic():
 def test_rendered_image_shows_the_object_where_the_scene_says():
     obj = world.WorldObject("square", "red", "large", x=20, y=70, radius=18)
     bg = world.Background(base=(128, 128, 128), gradient_angle=0.0, gradient_strength=0.0, grain=0.0)
-    img = world.render_scene(world.Scene((obj,), bg, noise_seed=0))
-    assert img.shape == (world.IMAGE_SIZE, world.IMAGE_SIZE, 3) and img.dtype == np.uint8
+    big = world.render_scene(world.Scene((obj,), bg, noise_seed=0))
+    assert big.shape == (world.RENDER_SIZE, world.RENDER_SIZE, 3) and big.dtype == np.uint8
+    img = world.render_scene(world.Scene((obj,), bg, noise_seed=0), size=world.IMAGE_SIZE)
+    assert img.shape == (world.IMAGE_SIZE, world.IMAGE_SIZE, 3)
     assert img[70, 20, 0] > 180 and img[70, 20, 1] < 80  # red at the object's centre
     assert tuple(img[10, 80]) == (128, 128, 128)  # background elsewhere
+    k = world.RENDER_SIZE // world.IMAGE_SIZE
+    assert big[70 * k, 20 * k, 0] > 180 and tuple(big[10 * k, 80 * k]) == (128, 128, 128)
+    # the larger render, area-downsampled, is the same picture as the direct small render
+    small = world.area_downsample(big[None])[0]
+    assert np.abs(small.astype(int) - img.astype(int)).mean() < 2.0
+
+
+def test_area_downsample_averages_blocks_and_rejects_bad_sizes():
+    a = np.zeros((1, 4, 4, 3), np.uint8)
+    a[0, :2, :2] = 200  # top-left 2×2 block
+    a[0, 0, 2] = 100  # one pixel of the top-right block
+    out = world.area_downsample(a, size=2)
+    assert out.shape == (1, 2, 2, 3)
+    assert out[0, 0, 0, 0] == 200 and out[0, 0, 1, 0] == 25 and out[0, 1, 1, 0] == 0
+    assert world.area_downsample(a, size=4) is a
+    with pytest.raises(ValueError, match="multiple"):
+        world.area_downsample(np.zeros((1, 5, 5, 3), np.uint8), size=2)
 
 
 def test_subset_and_fixed_splits():

@@ -348,8 +348,9 @@ def bench_cmd(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     if dry_run:
+        model_id = G.model_identity(spec.weights)
         for bench, m, seed in cells:
-            done = "done" if G._finished(G.cell_path(out, bench, m.key, seed)) else "todo"
+            done = "done" if G._finished(G.cell_path(out, bench, m.key, seed), G._expected_options(m), model_id) else "todo"
             typer.echo(f"{done}\t{m.key}\t{bench}\tseed{seed}")
         return
     t0 = time.time()
@@ -492,6 +493,11 @@ def train_world_model_cmd(
                                                              "tower stays frozen).")] = None,
     noise_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of training images given "
                                                      "Gaussian pixel noise (shipped: 0.5).")] = None,
+    noise_std_max: Annotated[Optional[float], typer.Option(min=0.0, help="Largest std of the Gaussian pixel-noise "
+                                                           "augmentation (shipped v3: 0.12).")] = None,
+    render_size: Annotated[Optional[int], typer.Option(min=96, help="Render training scenes at this size and "
+                                                       "area-downsample to 96 px (the benchmark renders at "
+                                                       "192; 96 reproduces v3).")] = None,
     standardise: Annotated[Optional[bool], typer.Option("--standardise/--no-standardise", help="Per-image input "
                                                         "standardisation in the image tower (default: as the "
                                                         "model configuration / checkpoint).")] = None,
@@ -508,7 +514,8 @@ def train_world_model_cmd(
                                    "typo_max_edits": typo_max_edits, "lr": lr,
                                    "init_from": str(init_from) if init_from else None,
                                    "train_towers": train_towers, "noise_p": noise_p,
-                                   "standardise_input": standardise}.items() if v is not None}
+                                   "standardise_input": standardise, "render_size": render_size,
+                                   "noise_std_max": noise_std_max}.items() if v is not None}
     cfg = replace(cfg, **overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, record = train_world_model(cfg, out=None, log=lambda s: console.print(s))

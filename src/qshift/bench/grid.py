@@ -193,14 +193,32 @@ def plan(spec: GridSpec, only: dict[str, list[str]] | None = None) -> list[tuple
     return cells
 
 
-def _finished(path: Path, expected: dict[str, Any] | None = None) -> bool:
-    """A cell is finished when its JSON holds metrics and — where it recorded them — the method options
-    it resolved to are the ones this code would use now (a changed default makes the cell stale)."""
+def model_identity(weights: str | Path | None) -> dict[str, Any]:
+    """What a grid cell's numbers depend on besides the method: the world model's weights file (by
+    SHA-256) and the world's rendering version."""
+    import hashlib
+
+    from qshift.bench.world_data import WORLD_VERSION
+    from qshift.data import world
+    from qshift.models.world_model import shipped_weights_path
+
+    path = Path(weights) if weights else shipped_weights_path()
+    return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "world_version": WORLD_VERSION,
+            "render_size": world.RENDER_SIZE}
+
+
+def _finished(path: Path, expected: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> bool:
+    """A cell is finished when its JSON holds metrics, was made with the same world model and world
+    (``model``: a cell without that record predates it and is stale), and — where it recorded them —
+    the method options it resolved to are the ones this code would use now (a changed default makes
+    the cell stale)."""
     try:
         payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
     if "metrics" not in payload:
+        return False
+    if model is not None and payload.get("model") != model:
         return False
     stored = payload.get("config", {}).get("method_resolved")
     if expected is not None and stored is not None and json.loads(json.dumps(stored)) != json.loads(json.dumps(expected)):
@@ -235,14 +253,15 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
     cells = plan(spec, only)
     _atomic_json(out / "grid.json", {"spec": spec.model_dump(), "only": only or {}, "cells": len(cells)})
     todo, stale = [], 0
+    model_id = model_identity(spec.weights)
     for c in cells:
         p = cell_path(out, c[0], c[1].key, c[2])
-        if not _finished(p, _expected_options(c[1])):
+        if not _finished(p, _expected_options(c[1]), model_id):
             todo.append(c)
             stale += p.is_file() and _finished(p)
     counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "done": 0, "failed": 0, "stale": stale}
     if stale:
-        log(f"{stale} finished cell(s) ran with other method options than the current defaults; rerunning them")
+        log(f"{stale} finished cell(s) ran with another world model or other method defaults; rerunning them")
     if counts["skipped"]:
         log(f"resuming: {counts['skipped']} of {len(cells)} cells already finished")
     encoder = load_world_model(spec.weights)
@@ -274,7 +293,8 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
             cfg = RunConfig(method=m.name, seed=seed, method_options=opts, **protocol)
             result = run_online(model, task, cfg, progress=False, gallery_embeddings=gallery_cache[gkey])
             payload = result.as_json()
-            payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "max_queries": spec.max_queries})
+            payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "max_queries": spec.max_queries,
+                            "model": model_id})
             _atomic_json(path, payload)
             err_path.unlink(missing_ok=True)
             counts["done"] += 1
@@ -288,7 +308,7 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
     encoder.load_state_dict(source_state)
     for bench in spec.diagnostics:
         dpath = out / "diagnostics" / f"{bench.replace('/', '__')}.json"
-        if _finished_diag(dpath):
+        if _finished_diag(dpath, model_id):
             continue
         try:
             from qshift.bench.diagnose import diagnose_task
@@ -297,15 +317,16 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
             if spec.max_queries is not None:
                 task = task.subsample(spec.max_queries, seed=0)
             model = WorldRetrievalModel(encoder, task.query_modality)
-            _atomic_json(dpath, {"benchmark": bench, "diagnostics": diagnose_task(model, task)})
+            _atomic_json(dpath, {"benchmark": bench, "diagnostics": diagnose_task(model, task), "model": model_id})
         except Exception as e:
             counts["failed"] += 1
             log(f"diagnostics failed on {bench}: {e!r}")
     return counts
 
 
-def _finished_diag(path: Path) -> bool:
+def _finished_diag(path: Path, model: dict[str, Any] | None = None) -> bool:
     try:
-        return "diagnostics" in json.loads(path.read_text())
+        payload = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    return "diagnostics" in payload and (model is None or payload.get("model") == model)

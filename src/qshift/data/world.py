@@ -18,12 +18,33 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+#: the scene coordinate frame in pixels, and the world model's input size
 IMAGE_SIZE = 96
+
+
+def _render_size_from_env() -> int:
+    raw = os.environ.get("QSHIFT_RENDER_SIZE", str(IMAGE_SIZE))
+    try:
+        size = int(raw)
+    except ValueError:
+        raise ValueError(f"QSHIFT_RENDER_SIZE must be an integer multiple of {IMAGE_SIZE}, got {raw!r}") from None
+    if size <= 0 or size % IMAGE_SIZE:
+        raise ValueError(f"QSHIFT_RENDER_SIZE must be a positive multiple of {IMAGE_SIZE}, got {size}")
+    return size
+
+
+#: the size the benchmark renders (and corrupts) its images at; the model's preprocessing
+#: area-downsamples them to IMAGE_SIZE.  ImageNet-C's severities are defined in pixels for ~224 px
+#: images, so a 192 px world (``QSHIFT_RENDER_SIZE=192``) keeps more of the information they leave;
+#: the default stays 96 px (world version 1) while the candidate models for 192 px are compared
+#: (docs/world.md, "Benchmark validity").  Shifted sets are cached per render size.
+RENDER_SIZE = _render_size_from_env()
 SUPERSAMPLE = 4
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "crescent")
@@ -130,7 +151,7 @@ class WorldSplit:
         return len(self.scenes)
 
     def images(self, indices: list[int] | None = None) -> np.ndarray:
-        """Render scenes to a uint8 array [n, H, W, 3]."""
+        """Render scenes to a uint8 array [n, RENDER_SIZE, RENDER_SIZE, 3]."""
         idx = range(len(self.scenes)) if indices is None else indices
         return np.stack([render_scene(self.scenes[i]) for i in idx])
 
@@ -271,8 +292,21 @@ def _background(scene: Scene, S: int, domain: str, rng: np.random.Generator) -> 
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
-def render_scene(scene: Scene, size: int = IMAGE_SIZE, domain: str = "source") -> np.ndarray:
-    """Render a scene to uint8 RGB [size, size, 3] (4× supersampled, then downsampled).
+def area_downsample(images: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 [N, H, W, 3] (H = W = k · size) → uint8 [N, size, size, 3] by k × k box averaging."""
+    n, h, w = images.shape[:3]
+    if h != w or h % size:
+        raise ValueError(f"cannot area-downsample {h}×{w} images to {size} px (need a whole multiple)")
+    k = h // size
+    if k == 1:
+        return images
+    out = images.reshape(n, size, k, size, k, 3).astype(np.float32).mean((2, 4))
+    return np.rint(out).clip(0, 255).astype(np.uint8)
+
+
+def render_scene(scene: Scene, size: int | None = None, domain: str = "source") -> np.ndarray:
+    """Render a scene to uint8 RGB [size, size, 3] (4× supersampled, then downsampled; default
+    :data:`RENDER_SIZE`).
 
     ``domain`` picks the rendering style: ``source`` (training domain), or one of the held-out
     query–gallery-shift domains ``outline`` (outline-only shapes), ``clutter`` (textured, cluttered
@@ -281,6 +315,7 @@ def render_scene(scene: Scene, size: int = IMAGE_SIZE, domain: str = "source") -
     """
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; known: {DOMAINS}")
+    size = RENDER_SIZE if size is None else size
     S = size * SUPERSAMPLE
     k = S / IMAGE_SIZE
     rng = np.random.default_rng([scene.noise_seed, DOMAINS.index(domain)])

@@ -155,7 +155,10 @@ class WorldDualEncoder(nn.Module):
 
     # -- preprocessing ------------------------------------------------------------------
     def preprocess_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] (numpy or torch) → normalised float [B, 3, H, W]."""
+        """uint8 [B, H, W, 3] (numpy or torch) → normalised float [B, 3, S, S], S = ``cfg.image_size``.
+
+        Images larger than S by a whole factor k (the world renders at 2 × S) are area-downsampled
+        (k × k box mean), the model's fixed resize, like CLIP's resize transform."""
         t = torch.as_tensor(images)
         if t.ndim == 3:
             t = t[None]
@@ -164,6 +167,12 @@ class WorldDualEncoder(nn.Module):
         if t.dtype != torch.uint8:
             raise ValueError(f"expected uint8 images, got {t.dtype}")
         x = t.permute(0, 3, 1, 2).float().div_(255.0)
+        S = self.cfg.image_size
+        h, w = x.shape[-2:]
+        if h != w or h % S:
+            raise ValueError(f"expected square images of {S} px or a whole multiple of it, got {h}×{w}")
+        if h != S:
+            x = F.avg_pool2d(x, h // S)
         return normalise_pixels(x)
 
     def tokenize(self, texts: list[str] | str) -> torch.Tensor:

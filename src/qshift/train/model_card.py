@@ -50,21 +50,20 @@ def render_card(card: dict, weights_name: str) -> str:
         f"- Training time: {card['total_seconds'] / 60:.1f} min in all ({card['pool_seconds']:.0f} s rendering, "
         f"{card['train_seconds'] / 60:.1f} min optimising) on {card['hardware']['cpu_count']} CPU cores "
         f"({card['hardware']['platform']}), torch {card['versions']['torch']}.",
+        *_lineage_lines(card),
         f"- Objective: symmetric InfoNCE with a learnt temperature; image→text logits also see "
         f"{card['hard_negatives_per_image']} hard-negative captions per image (one drawn per step): the same scene "
         "with one attribute, position or binding changed.",
         "- Augmentations (generic; no flips, no hue changes): "
         + ", ".join(f"{k}={v}" for k, v in card["augmentations"].items()) + ".",
-        "- Overlap with the benchmark, stated plainly: Gaussian pixel noise with std up to "
-        f"{card['augmentations'].get('noise_std', (0, 0))[1]} is the same kind of noise as ImageNet-C's "
-        "gaussian_noise at severities 1–2 (0.08, 0.12), and typo_p misspells words with one random edit (our own "
-        "generic edit, weaker than the benchmark's nlpaug perturbations, which change about 30 % of a chosen word's "
-        "characters). The benchmark's corruption functions themselves, its held-out caption styles and its rendering "
-        "domains are never used in training.",
+        _overlap_line(card),
+        f"- Training scenes rendered at {tc.get('render_size', 96)} px and area-downsampled to the "
+        f"{mc['image_size']} px input, as the benchmark's images are (world.RENDER_SIZE = {world.RENDER_SIZE}).",
         "",
         "## Architecture",
         "",
-        f"- Image tower: fixed Gaussian low-pass (σ = {mc.get('prefilter_sigma', 0.0)} px; 0 = none) → "
+        f"- Image tower: preprocessing area-downsamples larger renders (the benchmark's {world.RENDER_SIZE} px) to "
+        f"{mc['image_size']} px → fixed Gaussian low-pass (σ = {mc.get('prefilter_sigma', 0.0)} px; 0 = none) → "
         + ("per-image standardisation (channel means removed, divided by the pooled std) → "
            if mc.get("standardise_input") else "") +
         f"conv stem (channels {mc['stem_channels']}, no normalisation) → {mc['image_size']} px input as "
@@ -98,6 +97,31 @@ def render_card(card: dict, weights_name: str) -> str:
         lines.append(f"| {h['step']} | {h['minutes']:.1f} | {h['loss']:.3f} | {h['val_i2t_R@1']:.1f} | {h['val_t2i_R@1']:.1f} |")
     lines += ["", "Full record (JSON) is embedded in the weights file: `torch.load(path)['card']`.", ""]
     return "\n".join(lines)
+
+
+def _lineage_lines(card: dict) -> list[str]:
+    lines, parent, depth = [], card.get("parent"), 0
+    while parent:
+        depth += 1
+        lines.append(f"- {'Fine-tuned from' if depth == 1 else 'which was fine-tuned from'} a checkpoint made by "
+                     f"`{parent.get('command')}` ({float(parent.get('total_seconds', 0)) / 60:.1f} min).")
+        parent = parent.get("parent")
+    if lines:
+        lines.append(f"- The whole chain of trainings took {float(card.get('chain_total_seconds', 0)) / 60:.1f} min.")
+    return lines
+
+
+def _overlap_line(card: dict) -> str:
+    aug = card["augmentations"]
+    noise = float(aug.get("noise_std", (0, 0))[1])
+    edits = int(aug.get("typo_max_edits", 1))
+    noise_txt = (f"Gaussian pixel noise with std up to {noise} is the same kind of noise as ImageNet-C's gaussian_noise "
+                 f"{'at severities 1–2 (0.08, 0.12)' if noise >= 0.08 else 'but well below its severity 1 (std 0.08)'}")
+    typo_txt = (f"typo_p = {aug.get('typo_p')} misspells words with {'one random edit' if edits == 1 else f'1–{edits} random edits'} "
+                "(our own generic insert / delete / substitute / swap, not the benchmark's nlpaug keyboard / OCR models, "
+                "which change about 30 % of a chosen word's characters)")
+    return (f"- Overlap with the benchmark, stated plainly: {noise_txt}; {typo_txt}. The benchmark's corruption "
+            "functions themselves, its held-out caption styles and its rendering domains are never used in training.")
 
 
 def card_json(card: dict) -> str:

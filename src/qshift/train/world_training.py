@@ -62,6 +62,7 @@ class TrainConfig:
     # probability at training time, never all pieces of a word
     piece_dropout: float = 0.0
     noise_p: float | None = None  # overrides AUGMENTATIONS["noise_p"] when set
+    noise_std_max: float | None = None  # overrides the upper end of AUGMENTATIONS["noise_std"] when set
     # typo regularisation: each caption word is replaced, with this probability, by one of
     # ``typo_variants`` fixed misspellings of it (one random insert / delete / substitute / swap)
     typo_p: float = 0.1
@@ -75,6 +76,9 @@ class TrainConfig:
     # overrides the image tower's per-image input standardisation (also of a checkpoint given by
     # init_from); None keeps the model configuration's value
     standardise_input: bool | None = None
+    # training scenes are rendered at this size and area-downsampled to the model's input size, as
+    # the benchmark's images are (world.RENDER_SIZE); 96 reproduces the v3 weights, rendered at 96 px
+    render_size: int = world.IMAGE_SIZE
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -112,18 +116,18 @@ def perturb_scene(scene: world.Scene, rng: np.random.Generator) -> world.Scene |
     return new
 
 
-def _render_chunk(args: tuple[int, int, int]) -> tuple[np.ndarray, list[list[str]], list[list[str]]]:
-    start, stop, seed = args
+def _render_chunk(args: tuple[int, int, int, int]) -> tuple[np.ndarray, list[list[str]], list[list[str]]]:
+    start, stop, seed, render_size = args
     images, positives, negatives = [], [], []
     for idx in range(start, stop):
         scene, caps = world.train_scene(idx, seed=world.TRAIN_SEED + 1000 * seed)
         rng = np.random.default_rng(np.random.SeedSequence([seed, idx, 7]))
-        img = world.render_scene(scene)
+        img = world.render_scene(scene, size=render_size)
         if rng.random() < AUGMENTATIONS["jpeg_p"]:
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="JPEG", quality=int(rng.integers(*AUGMENTATIONS["jpeg_quality"])))
             img = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-        images.append(img)
+        images.append(world.area_downsample(img[None])[0])
         pos = [caps[f] for f in world.SOURCE_FAMILIES]
         negs: list[str] = []
         for _ in range(20):
@@ -155,7 +159,9 @@ class Pool:
 def build_pool(cfg: TrainConfig, progress: bool = True) -> Pool:
     """Render ``pool_size`` training scenes with their captions, in parallel, deterministically."""
     chunk = 1000
-    jobs = [(s, min(s + chunk, cfg.pool_size), cfg.seed) for s in range(0, cfg.pool_size, chunk)]
+    if cfg.render_size % world.IMAGE_SIZE:
+        raise ValueError(f"render_size must be a multiple of {world.IMAGE_SIZE}, got {cfg.render_size}")
+    jobs = [(s, min(s + chunk, cfg.pool_size), cfg.seed, cfg.render_size) for s in range(0, cfg.pool_size, chunk)]
     images, pos, neg = [], [], []
     with ProcessPoolExecutor(max_workers=max(1, cfg.workers)) as ex:
         for im, p, n in tqdm(ex.map(_render_chunk, jobs), total=len(jobs), desc="rendering training scenes",
@@ -251,11 +257,14 @@ def drop_pieces(pieces: torch.Tensor, p: float, gen: torch.Generator) -> torch.T
     return pieces.masked_fill(drop, 0)
 
 
-def augment(images: torch.Tensor, gen: torch.Generator, noise_p: float | None = None) -> torch.Tensor:
+def augment(images: torch.Tensor, gen: torch.Generator, noise_p: float | None = None,
+            noise_std_max: float | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] → augmented, normalised float [B, 3, H, W]."""
     a = dict(AUGMENTATIONS)
     if noise_p is not None:
         a["noise_p"] = noise_p
+    if noise_std_max is not None:
+        a["noise_std"] = (0.0, noise_std_max)
     x = images.permute(0, 3, 1, 2).float() / 255.0
     B, _, H, W = x.shape
     u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*(shape or (B,)), generator=gen)  # noqa: E731
@@ -316,6 +325,16 @@ def _param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def parent_record(card: dict) -> dict:
+    """What a fine-tuned model's card keeps of the checkpoint it started from: how that was made and
+    how long the whole chain of trainings took (the 60-minute budget is for the chain)."""
+    own = float(card.get("total_seconds", 0.0))
+    return {"command": card.get("command"), "total_seconds": own,
+            "chain_total_seconds": float(card.get("chain_total_seconds", own)),
+            "train_config": card.get("train_config"), "augmentations": card.get("augmentations"),
+            "parent": card.get("parent")}
+
+
 def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = None, out: str | Path | None = None,
                       progress: bool = True, log=None) -> tuple[WorldDualEncoder, dict]:
     """Train a world dual encoder from scratch; returns the model and a training record."""
@@ -328,8 +347,10 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         if model_cfg is not None:
             raise ValueError("init_from takes the model configuration from the checkpoint; do not pass model_cfg")
         model = WorldDualEncoder.load(cfg.init_from).float()
+        parent = parent_record(model.card)
         log(f"fine-tuning from {cfg.init_from} (towers trained: {cfg.train_towers})")
     else:
+        parent = None
         if cfg.train_towers != "both":
             raise ValueError("training a single tower needs init_from (the other tower must come from somewhere)")
         model = WorldDualEncoder(model_cfg or WorldModelConfig())
@@ -359,7 +380,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         model.train()
         idx = torch.randint(N, (cfg.batch_size,), generator=gen)
         fam = torch.randint(n_fam, (cfg.batch_size,), generator=gen)
-        x = augment(pool.images[idx], gen, cfg.noise_p)
+        x = augment(pool.images[idx], gen, cfg.noise_p, cfg.noise_std_max)
         words = pool.pos_words[idx, fam].long()
         if cfg.hard_negatives:
             hn = torch.randint(pool.neg_words.shape[1], (cfg.batch_size,), generator=gen)
@@ -397,6 +418,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         "train_config": asdict(cfg),
         "model_config": asdict(model.cfg),
         "augmentations": {**AUGMENTATIONS, **({"noise_p": cfg.noise_p} if cfg.noise_p is not None else {}),
+                          **({"noise_std": (0.0, cfg.noise_std_max)} if cfg.noise_std_max is not None else {}),
                           "piece_dropout": cfg.piece_dropout, "typo_p": cfg.typo_p, "typo_max_edits": cfg.typo_max_edits},
         "hard_negatives_per_image": N_HARD if cfg.hard_negatives else 0,
         "pool_seconds": round(t_pool, 1),
@@ -408,6 +430,8 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
         "n_parameters": sum(p.numel() for p in model.parameters()),
     }
+    record["parent"] = parent
+    record["chain_total_seconds"] = round(record["total_seconds"] + (parent or {}).get("chain_total_seconds", 0.0), 1)
     if out is not None:
         model.save(out, card=record)
     return model, record
