@@ -94,3 +94,30 @@ def test_preprocessing_area_downsamples_renders_larger_than_the_input(tiny_model
     ref = tiny_model.preprocess_images(np.rint(manual).astype(np.uint8))
     assert (x - ref).abs().max() < 0.02  # the same picture, up to the uint8 rounding of the reference
     assert not torch.allclose(x, tiny_model.preprocess_images(big[:, ::2, ::2]))  # not nearest-neighbour
+
+
+def test_stem_norm_adds_adaptable_channel_layernorms_and_keeps_old_checkpoints_loadable(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    normed = WorldDualEncoder(replace(tiny_model.cfg, stem_norm=True)).eval()
+    names = [n for n, _ in WorldRetrievalModel(normed, query_modality="image").adaptable_parameters()]
+    assert {"visual.stem.1.weight", "visual.stem.1.bias", "visual.stem.4.weight", "visual.stem.4.bias"} <= set(names)
+    assert len(names) == len(WorldRetrievalModel(tiny_model, query_modality="image").adaptable_parameters()) + 4
+    # the stem LayerNorm normalises each pixel over channels: its output has zero channel mean there
+    x = torch.randn(2, 3, 96, 96)
+    h = normed.visual.stem[:2](x)
+    torch.testing.assert_close(h.mean(dim=1), torch.zeros(2, 48, 48), atol=1e-5, rtol=0)
+    # its affine acts per channel: scaling a channel's weight scales that channel only
+    with torch.no_grad():
+        normed.visual.stem[1].weight[0] *= 3.0
+    h3 = normed.visual.stem[:2](x)
+    torch.testing.assert_close(h3[:, 0], 3 * h[:, 0])
+    torch.testing.assert_close(h3[:, 1:], h[:, 1:])
+    # a model without stem_norm keeps the v1-v3 layer indices (stem.0, stem.2, stem.4 are the convolutions)
+    assert [type(m).__name__ for m in tiny_model.visual.stem] == ["Conv2d", "GELU", "Conv2d", "GELU", "Conv2d"]
+    path = tmp_path / "n.pt"
+    normed.save(path, card={}, half=False)
+    back = WorldDualEncoder.load(path)
+    assert back.cfg.stem_norm
+    split = world.generate_world(seed=1, n_images=2)
+    torch.testing.assert_close(back.encode_image(split.images()), normed.encode_image(split.images()))

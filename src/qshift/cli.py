@@ -501,6 +501,9 @@ def train_world_model_cmd(
     standardise: Annotated[Optional[bool], typer.Option("--standardise/--no-standardise", help="Per-image input "
                                                         "standardisation in the image tower (default: as the "
                                                         "model configuration / checkpoint).")] = None,
+    stem_norm: Annotated[bool, typer.Option("--stem-norm/--no-stem-norm", help="From scratch: a channel "
+                                            "LayerNorm after each stride-2 stem convolution, so LayerNorm-only "
+                                            "adaptation reaches low-level features (v3: off).")] = False,
 ) -> None:
     """Train the embedded world's source model from scratch, as the shipped one was trained (or fine-tune one:
     --init-from, --train-towers)."""
@@ -517,10 +520,15 @@ def train_world_model_cmd(
                                    "standardise_input": standardise, "render_size": render_size,
                                    "noise_std_max": noise_std_max}.items() if v is not None}
     cfg = replace(cfg, **overrides)
+    if stem_norm and init_from is not None:
+        raise typer.BadParameter("--stem-norm changes the architecture; it cannot be combined with --init-from")
+    from qshift.models.world_model import WorldModelConfig
+
+    model_cfg = WorldModelConfig(stem_norm=True) if stem_norm else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    model, record = train_world_model(cfg, out=None, log=lambda s: console.print(s))
+    model, record = train_world_model(cfg, model_cfg=model_cfg, out=None, log=lambda s: console.print(s))
     card_path = write_model_card(model, record, out, command="qshift train-world-model " + " ".join(
-        [f"--seed {seed}"] + [("--standardise" if v else "--no-standardise") if k == "standardise_input"
+        [f"--seed {seed}"] + (["--stem-norm"] if stem_norm else []) + [("--standardise" if v else "--no-standardise") if k == "standardise_input"
                               else f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()]))
     console.print(f"weights: {out}\nmodel card: {card_path}")
 

@@ -36,6 +36,9 @@ class WorldModelConfig:
     # image's pooled standard deviation (+ a floor), so global contrast and brightness scalings are
     # removed before the stem while relative colour is kept
     standardise_input: bool = True
+    # a channel LayerNorm after each of the two stride-2 stem convolutions (as ConvNeXt stems have),
+    # so LayerNorm-only adaptation can re-weight low-level filters; False reproduces v1-v3
+    stem_norm: bool = False
     stem_channels: tuple[int, int] = (32, 64)
     patch: int = 3  # stride of the last stem conv, after two stride-2 convs: tokens = (size/4/patch)^2
     image_width: int = 128
@@ -69,8 +72,16 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a [B, C, H, W] map (an ``nn.LayerNorm``, so the
+    protocol's parameter selection finds it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class ImageTower(nn.Module):
-    """Fixed Gaussian prefilter → convolutional stem (no normalisation) → ``ln_pre`` → pre-LN blocks
+    """Fixed Gaussian prefilter → convolutional stem (channel LayerNorms if ``stem_norm``) → ``ln_pre`` → pre-LN blocks
     → ``ln_post`` on CLS → projection."""
 
     def __init__(self, cfg: WorldModelConfig) -> None:
@@ -85,9 +96,11 @@ class ImageTower(nn.Module):
             r = torch.arange(-radius, radius + 1, dtype=torch.float32)
             k = torch.exp(-(r ** 2) / (2 * self.prefilter_sigma ** 2))
             self.register_buffer("blur_kernel", (k / k.sum()), persistent=False)
+        # without stem_norm the layer indices stay those of v1-v3, so their checkpoints load
+        norm = (lambda c: [LayerNorm2d(c)]) if cfg.stem_norm else (lambda c: [])
         self.stem = nn.Sequential(
-            nn.Conv2d(3, c1, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(3, c1, 3, stride=2, padding=1), *norm(c1), nn.GELU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), *norm(c2), nn.GELU(),
             nn.Conv2d(c2, w, cfg.patch, stride=cfg.patch),
         )
         grid = cfg.image_size // 4 // cfg.patch
