@@ -120,6 +120,19 @@ def test_report_tables_plots_and_readme_block(small_world, tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, rep["tables"], "x")
+    # a cell made with another world model is left out of every table, and the report says so
+    p = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
+    cell = json.loads(p.read_text())
+    cell["model"] = {**cell["model"], "weights_sha256": "0" * 64}
+    p.write_text(json.dumps(cell))
+    excluded = []
+    kept = load_cells(out, excluded=excluded)
+    assert len(kept) == 8 and excluded == [p]
+    assert len(load_cells(out, model=None)) == 9
+    rep = write_report(out)
+    assert rep["stale"] == 1 and "1 cell(s) made with another world model are left out" in rep["report"].read_text()
+    fog_tent = {t.title: t for t in rep["tables"]}["Image corruptions, severity 5 (i2t R@1)"].rows["tent"]
+    assert fog_tent[0] is None
 
 
 def test_bench_and_report_cli_errors(tmp_path):

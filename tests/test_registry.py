@@ -84,6 +84,7 @@ def test_mixed_kind_diverse_streams(small_world):
 
 
 def test_a_larger_render_size_gives_larger_images_cached_apart(small_world, tmp_path, monkeypatch):
+    monkeypatch.setattr(world, "RENDER_SIZE", world.IMAGE_SIZE)
     small = registry.build_benchmark("world-c/i2t/gaussian_noise/5")
     monkeypatch.setattr(world, "RENDER_SIZE", 2 * world.IMAGE_SIZE)
     big = registry.build_benchmark("world-c/i2t/gaussian_noise/5")
@@ -97,9 +98,12 @@ def test_render_size_comes_from_the_environment_and_is_checked():
     import subprocess
     import sys
     code = "from qshift.data import world; print(world.RENDER_SIZE)"
-    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "QSHIFT_RENDER_SIZE": "192"},
+    env = {k: v for k, v in __import__("os").environ.items() if k != "QSHIFT_RENDER_SIZE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(world.DEFAULT_RENDER_SIZE) == "192"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "QSHIFT_RENDER_SIZE": "96"},
                          capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "192"
+    assert out.stdout.strip() == "96"
     bad = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "QSHIFT_RENDER_SIZE": "100"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "multiple of 96" in bad.stderr

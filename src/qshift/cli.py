@@ -378,6 +378,9 @@ def report_cmd(
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     _print_tables(rep["tables"])
+    if rep["stale"]:
+        err.print(f"[yellow]{rep['stale']} cell(s) made with another world model were left out; "
+                  f"`qshift bench` reruns them[/yellow]")
     console.print(f"report: {rep['report']}\ntables: {len(rep['csv'])} CSV in {rep['report'].parent / 'tables'}\n"
                   f"plots: {len(rep['plots'])} PNG in {rep['report'].parent / 'plots'}")
     if readme is not None:

@@ -54,11 +54,32 @@ class Table:
         return cols, rows
 
 
-def load_cells(out: str | Path) -> list[Cell]:
-    """Every finished cell of a grid folder (error files and temporaries are ignored)."""
+def current_model(out: str | Path) -> dict | None:
+    """The world-model identity a grid folder's cells should have now: that of the weights its
+    ``grid.json`` names (the shipped model when it names none); None when there is no ``grid.json``."""
+    from qshift.bench.grid import model_identity
+
+    spec_path = Path(out) / "grid.json"
+    if not spec_path.is_file():
+        return None
+    weights = json.loads(spec_path.read_text()).get("spec", {}).get("weights")
+    try:
+        return model_identity(weights)
+    except FileNotFoundError:
+        return None
+
+
+def load_cells(out: str | Path, model: dict | None | str = "current", excluded: list | None = None) -> list[Cell]:
+    """Every finished cell of a grid folder (error files and temporaries are ignored).
+
+    ``model``: keep only cells made with this world-model identity — by default the one the grid's
+    ``grid.json`` names now, so a table never mixes cells of two models; None keeps every cell. The
+    paths of the cells left out are appended to ``excluded`` when it is given."""
     root = Path(out) / "cells"
     if not root.is_dir():
         raise FileNotFoundError(f"no grid results under {root}; run `qshift bench` first")
+    if model == "current":
+        model = current_model(out)
     cells = []
     for path in sorted(root.glob("*/*/seed*.json")):
         if path.name.endswith(".error.json"):
@@ -68,6 +89,10 @@ def load_cells(out: str | Path) -> list[Cell]:
         except ValueError:
             continue
         if "metrics" not in d:
+            continue
+        if model is not None and d.get("model") != model:
+            if excluded is not None:
+                excluded.append(path)
             continue
         cells.append(Cell(d["benchmark"], d.get("label") or d["config"]["method"], d["config"]["method"],
                           int(d["config"]["seed"]), d["metrics"], d.get("per_domain", {}), d.get("forgetting"),
@@ -354,9 +379,11 @@ def plot_diagnostics(diags: list[dict], out_dir: Path) -> Path | None:
 def write_report(out: str | Path, report_dir: str | Path | None = None) -> dict:
     """Write ``report.md``, ``tables/*.csv`` and ``plots/*.png`` for a grid folder; return their paths."""
     out = Path(out)
-    cells = load_cells(out)
+    stale: list[Path] = []
+    cells = load_cells(out, excluded=stale)
     if not cells:
-        raise ValueError(f"{out}: no finished cells to report")
+        raise ValueError(f"{out}: no finished cells made with the current world model to report"
+                         + (f" ({len(stale)} made with another model: rerun `qshift bench`)" if stale else ""))
     rdir = Path(report_dir) if report_dir is not None else out / "report"
     (rdir / "tables").mkdir(parents=True, exist_ok=True)
     (rdir / "plots").mkdir(parents=True, exist_ok=True)
@@ -364,6 +391,9 @@ def write_report(out: str | Path, report_dir: str | Path | None = None) -> dict:
     md = [f"# qshift report: {out}", "",
           f"{len(cells)} finished cells; {sum(c.seconds for c in cells) / 60:.1f} min of run time in all. "
           "Online metrics: every query scored once, when its batch arrived.", ""]
+    if stale:
+        md += [f"**{len(stale)} cell(s) made with another world model are left out** (stale; "
+               "`qshift bench` reruns them).", ""]
     errors = load_errors(out)
     if errors:
         md += [f"**{len(errors)} cell(s) failed** (see `cells/*/*/*.error.json`): "
@@ -388,7 +418,7 @@ def write_report(out: str | Path, report_dir: str | Path | None = None) -> dict:
     md += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in pngs]
     report = rdir / "report.md"
     report.write_text("\n".join(md) + "\n")
-    return {"report": report, "tables": tables, "csv": csvs, "plots": pngs}
+    return {"report": report, "tables": tables, "csv": csvs, "plots": pngs, "stale": len(stale)}
 
 
 def update_readme(readme: str | Path, tables: list[Table], command: str) -> None:

@@ -28,8 +28,12 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 96
 
 
+#: the benchmark's default render size (world v1 used 96 until the v6 source model)
+DEFAULT_RENDER_SIZE = 192
+
+
 def _render_size_from_env() -> int:
-    raw = os.environ.get("QSHIFT_RENDER_SIZE", str(IMAGE_SIZE))
+    raw = os.environ.get("QSHIFT_RENDER_SIZE", str(DEFAULT_RENDER_SIZE))
     try:
         size = int(raw)
     except ValueError:
@@ -41,9 +45,9 @@ def _render_size_from_env() -> int:
 
 #: the size the benchmark renders (and corrupts) its images at; the model's preprocessing
 #: area-downsamples them to IMAGE_SIZE.  ImageNet-C's severities are defined in pixels for ~224 px
-#: images, so a 192 px world (``QSHIFT_RENDER_SIZE=192``) keeps more of the information they leave;
-#: the default stays 96 px (world version 1) while the candidate models for 192 px are compared
-#: (docs/world.md, "Benchmark validity").  Shifted sets are cached per render size.
+#: images, so the 192 px default keeps more of the information they leave than 96 px did
+#: (docs/world.md, "Benchmark validity"); ``QSHIFT_RENDER_SIZE=96`` gives the old world.
+#: Shifted sets are cached per render size.
 RENDER_SIZE = _render_size_from_env()
 SUPERSAMPLE = 4
 

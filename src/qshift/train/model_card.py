@@ -33,6 +33,16 @@ def write_model_card(model: WorldDualEncoder, record: dict, weights_path: str | 
     return md
 
 
+def refresh_model_card(weights_path: str | Path) -> Path:
+    """Re-measure a saved model's clean metrics on the current benchmark (e.g. after the default render
+    size changed) and rewrite its card, keeping its training record and command."""
+    weights_path = Path(weights_path)
+    model = WorldDualEncoder.load(weights_path).float()
+    record = dict(model.card)
+    command = record.pop("command")
+    return write_model_card(model, record, weights_path, command)
+
+
 def render_card(card: dict, weights_name: str) -> str:
     tc, mc = card["train_config"], card["model_config"]
     lines = [
@@ -66,7 +76,9 @@ def render_card(card: dict, weights_name: str) -> str:
         f"{mc['image_size']} px → fixed Gaussian low-pass (σ = {mc.get('prefilter_sigma', 0.0)} px; 0 = none) → "
         + ("per-image standardisation (channel means removed, divided by the pooled std) → "
            if mc.get("standardise_input") else "") +
-        f"conv stem (channels {mc['stem_channels']}, no normalisation) → {mc['image_size']} px input as "
+        f"conv stem (channels {mc['stem_channels']}, "
+        + ("a channel LayerNorm after each stride-2 convolution" if mc.get("stem_norm") else "no normalisation")
+        + f") → {mc['image_size']} px input as "
         f"{(mc['image_size'] // 4 // mc['patch']) ** 2} tokens + CLS → `ln_pre` → {mc['image_depth']} pre-LN blocks "
         f"(width {mc['image_width']}, {mc['heads']} heads) → `ln_post` → linear to {mc['embed_dim']}-d.",
         f"- Text tower: each word is the mean of its hashed character n-gram embeddings (n = "
