@@ -149,3 +149,13 @@ def test_standardisation_override_is_applied_saved_and_changes_the_forward(tmp_p
     start = WorldDualEncoder.load(tmp_path / "start.pt")
     x = torch.rand(2, 3, mc.image_size, mc.image_size) * 0.3
     assert not torch.allclose(start.visual(x), model.visual(x), atol=1e-4)
+
+
+def test_default_recipe_is_the_shipped_models(shipped_model):
+    """`qshift train-world-model --seed 0` with no other option reproduces the shipped model's recipe."""
+    from dataclasses import asdict
+
+    recorded = shipped_model.card["train_config"]
+    defaults = asdict(TrainConfig())
+    assert {k: v for k, v in recorded.items() if defaults.get(k) != v} == {}
+    assert shipped_model.cfg.stem_norm == defaults["stem_norm"]

@@ -497,16 +497,17 @@ def train_world_model_cmd(
     noise_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of training images given "
                                                      "Gaussian pixel noise (shipped: 0.5).")] = None,
     noise_std_max: Annotated[Optional[float], typer.Option(min=0.0, help="Largest std of the Gaussian pixel-noise "
-                                                           "augmentation (shipped v3: 0.12).")] = None,
+                                                           "augmentation (default 0.04, as v6; v3: 0.12).")] = None,
     render_size: Annotated[Optional[int], typer.Option(min=96, help="Render training scenes at this size and "
                                                        "area-downsample to 96 px (the benchmark renders at "
                                                        "192; 96 reproduces v3).")] = None,
     standardise: Annotated[Optional[bool], typer.Option("--standardise/--no-standardise", help="Per-image input "
                                                         "standardisation in the image tower (default: as the "
                                                         "model configuration / checkpoint).")] = None,
-    stem_norm: Annotated[bool, typer.Option("--stem-norm/--no-stem-norm", help="From scratch: a channel "
-                                            "LayerNorm after each stride-2 stem convolution, so LayerNorm-only "
-                                            "adaptation reaches low-level features (v3: off).")] = False,
+    stem_norm: Annotated[Optional[bool], typer.Option("--stem-norm/--no-stem-norm", help="From scratch: a "
+                                                      "channel LayerNorm after each stride-2 stem convolution, so "
+                                                      "LayerNorm-only adaptation reaches low-level features "
+                                                      "(default on, as v6; v3: off).")] = None,
 ) -> None:
     """Train the embedded world's source model from scratch, as the shipped one was trained (or fine-tune one:
     --init-from, --train-towers)."""
@@ -521,17 +522,16 @@ def train_world_model_cmd(
                                    "init_from": str(init_from) if init_from else None,
                                    "train_towers": train_towers, "noise_p": noise_p,
                                    "standardise_input": standardise, "render_size": render_size,
-                                   "noise_std_max": noise_std_max}.items() if v is not None}
+                                   "noise_std_max": noise_std_max, "stem_norm": stem_norm}.items() if v is not None}
     cfg = replace(cfg, **overrides)
-    if stem_norm and init_from is not None:
-        raise typer.BadParameter("--stem-norm changes the architecture; it cannot be combined with --init-from")
-    from qshift.models.world_model import WorldModelConfig
-
-    model_cfg = WorldModelConfig(stem_norm=True) if stem_norm else None
+    if stem_norm is not None and init_from is not None:
+        raise typer.BadParameter("--stem-norm / --no-stem-norm set the architecture of a model trained from "
+                                 "scratch; a fine-tune keeps its checkpoint's")
     out.parent.mkdir(parents=True, exist_ok=True)
-    model, record = train_world_model(cfg, model_cfg=model_cfg, out=None, log=lambda s: console.print(s))
+    model, record = train_world_model(cfg, out=None, log=lambda s: console.print(s))
     card_path = write_model_card(model, record, out, command="qshift train-world-model " + " ".join(
-        [f"--seed {seed}"] + (["--stem-norm"] if stem_norm else []) + [("--standardise" if v else "--no-standardise") if k == "standardise_input"
+        [f"--seed {seed}"] + [("--standardise" if v else "--no-standardise") if k == "standardise_input"
+                              else ("--stem-norm" if v else "--no-stem-norm") if k == "stem_norm"
                               else f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()]))
     console.print(f"weights: {out}\nmodel card: {card_path}")
 
