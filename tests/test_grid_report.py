@@ -219,3 +219,37 @@ def test_printed_tables_keep_bracketed_labels(monkeypatch):
     cli._print_tables([t])
     out = rec.export_text()
     assert "rest[no-decoupling]" in out  # Rich would otherwise read "[no-decoupling]" as a style tag
+
+
+def test_restamp_only_after_identical_reruns(small_world, tmp_path, tiny_model):
+    """Zeroing n-gram rows no clean caption uses cannot change an i2t cell (clean caption gallery) but does
+    change a typo cell: restamp must accept the first after rerunning it and refuse the second."""
+    from qshift.train.world_training import zero_unseen_pieces
+
+    small, weights_a = small_world
+    spec = G.GridSpec(methods=["tent"], benchmarks=["world-c/i2t/fog/5", "world-c/t2i/keyboard/6"],
+                      weights=str(weights_a), protocol={"batch_size": 16, "steps": 1}, max_queries=32)
+    out = tmp_path / "grid"
+    G.run_grid(spec, out, progress=False, log=lambda m: None)
+    seen = torch.zeros(tiny_model.text.pieces.num_embeddings, dtype=torch.bool)
+    seen[tiny_model.tokenizer(list(small.captions)).unique()] = True
+    assert zero_unseen_pieces(tiny_model, seen) > 0
+    weights_b = tmp_path / "tiny_b.pt"
+    tiny_model.save(weights_b)
+    i2t = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
+    t2i = G.cell_path(out, "world-c/t2i/keyboard/6", "tent", 0)
+    before_t2i = t2i.read_text()
+
+    refused = G.restamp_cells(out, ["world-c/t2i/*"], verify=1, weights=weights_b, log=lambda m: None)
+    assert refused["restamped"] == 0 and refused["mismatch"] and t2i.read_text() == before_t2i
+
+    done = G.restamp_cells(out, ["world-c/i2t/*"], verify=1, weights=weights_b, log=lambda m: None)
+    assert done["restamped"] == 1 and done["verified_by"]
+    cell = json.loads(i2t.read_text())
+    assert cell["model"] == G.model_identity(weights_b) and cell["restamped"]["from"] == G.model_identity(weights_a)
+    # the grid now treats the restamped cell as finished and reruns only the typo cell
+    spec_b = spec.model_copy(update={"weights": str(weights_b)})
+    counts = G.run_grid(spec_b, out, progress=False, log=lambda m: None)
+    assert counts["skipped"] == 1 and counts["done"] == 1
+    with pytest.raises(ValueError, match="verify"):
+        G.restamp_cells(out, ["*"], verify=0, weights=weights_b)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,8 @@ import torch
 from qshift.data import world
 from qshift.models.world_model import WorldDualEncoder, WorldModelConfig
 from qshift.train.model_card import render_card
-from qshift.train.world_training import TrainConfig, augment, perturb_scene, train_world_model
+from qshift.train.world_training import (TrainConfig, augment, perturb_scene, train_world_model, trained_pieces_by_init,
+                                         zero_unseen_pieces)
 
 
 def test_augment_keeps_left_and_right():
@@ -43,6 +46,12 @@ def test_tiny_training_run_learns_and_records(tmp_path, monkeypatch):
     assert rec["augmentations"]["hflip"] is False
     back = WorldDualEncoder.load(tmp_path / "m.pt")
     assert back.card["train_config"]["steps"] == 12
+    # the buckets training never used are zero, the others are not, and the count is recorded
+    zero_rows = int((back.text.pieces.weight.float().abs().sum(1) == 0).sum()) - 1  # minus padding
+    assert rec["unseen_pieces_zeroed"] == zero_rows > 0
+    # ... and they are exactly the rows that kept their seeded initialisation (how v6 was fixed post hoc)
+    fresh, _ = train_world_model(replace(cfg, zero_unseen_pieces=False), mc, progress=False, log=lambda m: None)
+    assert int((~trained_pieces_by_init(fresh, seed=cfg.seed, tol=0.0)).sum()) == zero_rows
     fake = dict(rec, command="qshift train-world-model --steps 12", clean_metrics={
         "test": {"i2t": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0, "mAP": 1.0}}},
         test_set={"name": "test", "seed": 3, "n_images": 2000, "n_captions": 10000, "sha256": "ab"})
@@ -159,3 +168,25 @@ def test_default_recipe_is_the_shipped_models(shipped_model):
     defaults = asdict(TrainConfig())
     assert {k: v for k, v in recorded.items() if defaults.get(k) != v} == {}
     assert shipped_model.cfg.stem_norm == defaults["stem_norm"]
+
+
+def test_zeroing_unseen_pieces_keeps_known_words_and_silences_unseen_ngrams():
+    torch.manual_seed(0)
+    model = WorldDualEncoder(WorldModelConfig(image_width=32, image_depth=1, text_width=32, text_depth=1, heads=2,
+                                              embed_dim=16, stem_channels=(8, 16))).eval()
+    tok = model.tokenizer
+    known = "a small red circle"
+    seen = torch.zeros(model.text.pieces.num_embeddings, dtype=torch.bool)
+    seen[tok(known).unique()] = True
+    before_clean = model.encode_text([known])
+    typo_words = tok.split_words("a small red cirxle")
+    new_pieces = set(tok.word_pieces(typo_words[-1])) - set(tok.word_pieces("circle"))
+    assert new_pieces and not seen[list(new_pieces)].any()
+    before_typo = model.encode_text(["a small red cirxle"])
+    n = zero_unseen_pieces(model, seen)
+    assert n == int((~seen[1:]).sum())
+    assert torch.equal(model.encode_text([known]), before_clean)  # clean captions encode exactly as before
+    assert not torch.allclose(model.encode_text(["a small red cirxle"]), before_typo)
+    assert (model.text.pieces.weight[list(new_pieces)] == 0).all()
+    with pytest.raises(ValueError, match="bool tensor"):
+        zero_unseen_pieces(model, seen[:10])

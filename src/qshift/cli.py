@@ -388,6 +388,31 @@ def report_cmd(
         console.print(f"updated the grid block of {readme}")
 
 
+@app.command("restamp")
+def restamp_cmd(
+    folder: Annotated[Path, typer.Argument(help="A grid folder written by `qshift bench`.")],
+    pattern: Annotated[list[str], typer.Option(help="Benchmark name pattern(s) of the cells to restamp, e.g. "
+                                                    "'world-c/i2t/*'.")],
+    verify: Annotated[int, typer.Option(min=1, help="Stale cells rerun and compared before anything is written.")]
+    = 2,
+    seed: Annotated[int, typer.Option(help="Seed for choosing the verifying cells.")] = 0,
+) -> None:
+    """Mark cells made with a previous world model as current, after rerunning a sample of them with the
+    current model and finding identical results (for model changes that provably cannot affect them)."""
+    from qshift.bench import grid as G
+
+    try:
+        res = G.restamp_cells(folder, pattern, verify=verify, seed=seed, log=console.print)
+    except (ValueError, RuntimeError) as e:
+        err.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    if res.get("mismatch"):
+        err.print(f"[red]not restamped:[/red] {res['mismatch']} differs with the current model; rerun with `qshift bench`")
+        raise typer.Exit(1)
+    console.print(f"{res['restamped']} of {res['candidates']} stale cell(s) matching {', '.join(pattern)} restamped "
+                  f"(verified by {len(res['verified_by'])} rerun(s))")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="Folder for the demo's results and report.")] = Path("qshift-demo"),
@@ -508,6 +533,10 @@ def train_world_model_cmd(
                                                       "channel LayerNorm after each stride-2 stem convolution, so "
                                                       "LayerNorm-only adaptation reaches low-level features "
                                                       "(default on, as v6; v3: off).")] = None,
+    zero_unseen_pieces: Annotated[Optional[bool], typer.Option(
+        "--zero-unseen-pieces/--keep-unseen-pieces", help="From scratch: after training, zero the embeddings of "
+        "n-gram buckets no training word used, so an unseen n-gram (a typo's) adds nothing to its word "
+        "(default on, as the shipped model).")] = None,
 ) -> None:
     """Train the embedded world's source model from scratch, as the shipped one was trained (or fine-tune one:
     --init-from, --train-towers)."""
@@ -522,8 +551,12 @@ def train_world_model_cmd(
                                    "init_from": str(init_from) if init_from else None,
                                    "train_towers": train_towers, "noise_p": noise_p,
                                    "standardise_input": standardise, "render_size": render_size,
-                                   "noise_std_max": noise_std_max, "stem_norm": stem_norm}.items() if v is not None}
+                                   "noise_std_max": noise_std_max, "stem_norm": stem_norm,
+                                   "zero_unseen_pieces": zero_unseen_pieces}.items() if v is not None}
     cfg = replace(cfg, **overrides)
+    if zero_unseen_pieces is not None and init_from is not None:
+        raise typer.BadParameter("--zero-unseen-pieces / --keep-unseen-pieces apply to a model trained from "
+                                 "scratch; a fine-tune keeps its checkpoint's zeroed buckets (they get no gradient)")
     if stem_norm is not None and init_from is not None:
         raise typer.BadParameter("--stem-norm / --no-stem-norm set the architecture of a model trained from "
                                  "scratch; a fine-tune keeps its checkpoint's")
@@ -532,6 +565,8 @@ def train_world_model_cmd(
     card_path = write_model_card(model, record, out, command="qshift train-world-model " + " ".join(
         [f"--seed {seed}"] + [("--standardise" if v else "--no-standardise") if k == "standardise_input"
                               else ("--stem-norm" if v else "--no-stem-norm") if k == "stem_norm"
+                              else ("--zero-unseen-pieces" if v else "--keep-unseen-pieces")
+                              if k == "zero_unseen_pieces"
                               else f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()]))
     console.print(f"weights: {out}\nmodel card: {card_path}")
 

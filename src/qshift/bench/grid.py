@@ -129,6 +129,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         {"name": "rest", "label": "rest[always]", "options": {"mode": "always"}},
         {"name": "rest", "label": "rest[per-tensor]", "options": {"granularity": "per-tensor"}},
         {"name": "rest", "label": "rest[lambda_a=0.01]", "options": {"lambda_a": 0.01}},
+        {"name": "rest", "label": "rest[lambda_a=0.03]", "options": {"lambda_a": 0.03}},
+        {"name": "rest", "label": "rest[lambda_a=0.3]", "options": {"lambda_a": 0.3}},
         {"name": "rest", "label": "rest[lambda_a=1]", "options": {"lambda_a": 1.0}}],
         "benchmarks": _ABLATION_BENCHMARKS, "max_queries": 6000},
     # the remaining switches (optimiser, metric, anchor placement, queue refresh), same benchmarks
@@ -330,3 +332,82 @@ def _finished_diag(path: Path, model: dict[str, Any] | None = None) -> bool:
     except (OSError, ValueError):
         return False
     return "diagnostics" in payload and (model is None or payload.get("model") == model)
+
+
+_RESTAMP_IGNORED = {"seconds", "peak_rss_mb", "environment", "model", "restamped"}
+
+
+def _comparable(payload: dict) -> dict:
+    """A cell's results without what legitimately differs between two runs (timings, host, stamps)."""
+    out = {k: v for k, v in payload.items() if k not in _RESTAMP_IGNORED}
+    out["batches"] = [{k: v for k, v in b.items() if k != "seconds"} for b in payload.get("batches", [])]
+    return json.loads(json.dumps(out, default=str))
+
+
+def restamp_cells(out: str | Path, patterns: list[str], verify: int = 2, seed: int = 0,
+                  weights: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Mark finished cells made with another world model as made with the current one, *after proving*
+    that the current model gives them bit-identical results.
+
+    For a model change that cannot affect some cells (e.g. zeroing text n-gram rows that no clean
+    caption uses leaves every cell whose captions are clean unchanged), rerunning those cells would
+    only cost time.  This reruns ``verify`` randomly chosen (by ``seed``) stale cells among those whose
+    benchmark matches ``patterns`` with the current model, compares everything but timings with the
+    stored results, and only if all are identical rewrites the ``model`` record of every matching
+    stale cell (adding a ``restamped`` record: the old identity and the cells that verified it).
+    Nothing is written if any verification differs.  Returns counts and the verifying cells."""
+    import random
+    import shutil
+    import tempfile
+
+    log = log or print
+    if verify < 1:
+        raise ValueError("verify must be at least 1: restamping without a verification proves nothing")
+    out = Path(out)
+    current = model_identity(weights)
+    candidates = []
+    for path in sorted((out / "cells").glob("*/*/seed*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if "metrics" not in payload or payload.get("model") in (None, current):
+            continue
+        if any(fnmatch.fnmatchcase(payload["benchmark"], p) for p in patterns):
+            candidates.append((path, payload))
+    if not candidates:
+        return {"restamped": 0, "verified_by": [], "candidates": 0}
+    old_ids = {json.dumps(p["model"], sort_keys=True) for _, p in candidates}
+    if len(old_ids) != 1:
+        raise ValueError(f"matching cells come from {len(old_ids)} different models; restamp one at a time")
+    picks = random.Random(seed).sample(candidates, min(verify, len(candidates)))
+    verified = []
+    for path, payload in picks:
+        cfg = payload["config"]
+        spec = GridSpec(methods=[{"name": cfg["method"], "label": payload.get("label"),
+                                  "options": dict(cfg.get("method_options") or {})}],
+                        benchmarks=[payload["benchmark"]], seeds=[cfg["seed"]],
+                        protocol={k: cfg[k] for k in PROTOCOL_KEYS if k in cfg},
+                        max_queries=payload.get("max_queries"), shift_seed=payload.get("grid_shift_seed", 0),
+                        weights=str(weights) if weights else None)
+        tmp = Path(tempfile.mkdtemp(prefix="qshift-restamp-"))
+        try:
+            counts = run_grid(spec, tmp, progress=False, log=log)
+            rerun_path = cell_path(tmp, payload["benchmark"], spec.methods[0].key, cfg["seed"])
+            if counts["failed"] or not rerun_path.is_file():
+                raise RuntimeError(f"verification run of {path} failed")
+            rerun = json.loads(rerun_path.read_text())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _comparable(rerun) != _comparable(payload):
+            log(f"{path}: the current model gives different results (R@1 {rerun['metrics'].get('R@1')} vs "
+                f"{payload['metrics'].get('R@1')}); nothing restamped")
+            return {"restamped": 0, "verified_by": [], "candidates": len(candidates), "mismatch": str(path)}
+        verified.append(str(path.relative_to(out)))
+        log(f"verified identical with the current model: {path.relative_to(out)}")
+    for path, payload in candidates:
+        payload["restamped"] = {"from": payload["model"], "verified_by": verified, "patterns": patterns,
+                                "date": time.strftime("%Y-%m-%d")}
+        payload["model"] = current
+        _atomic_json(path, payload)
+    return {"restamped": len(candidates), "verified_by": verified, "candidates": len(candidates)}

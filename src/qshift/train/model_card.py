@@ -83,7 +83,10 @@ def render_card(card: dict, weights_name: str) -> str:
         f"(width {mc['image_width']}, {mc['heads']} heads) → `ln_post` → linear to {mc['embed_dim']}-d.",
         f"- Text tower: each word is the mean of its hashed character n-gram embeddings (n = "
         f"{mc['tokenizer']['ngram_sizes']}, {mc['tokenizer']['n_buckets']} buckets; typo-tolerant) → "
-        f"{mc['text_depth']} pre-LN blocks (width {mc['text_width']}) → `ln_final` on CLS → linear to {mc['embed_dim']}-d.",
+        f"{mc['text_depth']} pre-LN blocks (width {mc['text_width']}) → `ln_final` on CLS → linear to {mc['embed_dim']}-d."
+        + (f" The {card['unseen_pieces_zeroed']} n-gram buckets no training word used are zero, so an n-gram the "
+           "model never saw (a typo's) adds nothing to its word instead of an untrained random vector."
+           if card.get("unseen_pieces_zeroed") else ""),
         "- LayerNorm is the only normalisation layer, so LayerNorm-only test-time adaptation applies as for CLIP.",
         "",
         "## Clean metrics (percent, any-positive Recall@K)",

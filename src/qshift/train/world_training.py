@@ -86,6 +86,10 @@ class TrainConfig:
     # from scratch: channel LayerNorms in the image stem (WorldModelConfig.stem_norm); a fine-tune
     # (init_from) keeps its checkpoint's architecture
     stem_norm: bool = True
+    # from scratch: after training, zero the embedding rows of n-gram buckets that no training word (nor
+    # any of its typo variants) ever used, so an n-gram the model never saw (e.g. a test-time typo's)
+    # adds nothing to its word instead of an untrained random vector; clean captions are unaffected
+    zero_unseen_pieces: bool = True
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -342,6 +346,39 @@ def parent_record(card: dict) -> dict:
             "parent": card.get("parent")}
 
 
+def zero_unseen_pieces(model: WorldDualEncoder, seen: torch.Tensor) -> int:
+    """Zero the text tower's n-gram embedding rows whose bucket is not in ``seen`` (bool [n_buckets]).
+
+    An n-gram bucket that training never used still holds its random initialisation; at test time a
+    misspelt word's new n-grams would add that noise to the word.  Zeroed, they add nothing, and a typo
+    keeps the (scaled) meaning of the n-grams it shares with the correct word.  Words made only of
+    seen n-grams (every clean caption of the world) encode exactly as before.  Returns the rows zeroed
+    (the padding row 0 is zero already and not counted)."""
+    emb = model.text.pieces.weight
+    if seen.shape != (emb.shape[0],) or seen.dtype != torch.bool:
+        raise ValueError(f"seen must be a bool tensor of shape ({emb.shape[0]},), got {seen.dtype} {tuple(seen.shape)}")
+    unseen = ~seen.clone()
+    unseen[0] = False
+    with torch.no_grad():
+        emb[unseen] = 0
+    return int(unseen.sum())
+
+
+def trained_pieces_by_init(model: WorldDualEncoder, seed: int = 0, tol: float = 2e-3) -> torch.Tensor:
+    """For a model trained from scratch by :func:`train_world_model` with ``seed``: the bool mask of n-gram
+    buckets training used, found by rebuilding the seeded initialisation (a bucket never used gets no
+    gradient, and AdamW without weight decay on the embeddings leaves it exactly at its initial value;
+    ``tol`` is the relative change below which a row counts as unmoved, above fp16 rounding).  Used to apply :func:`zero_unseen_pieces` to a model trained before that step
+    existed (the shipped v6)."""
+    torch.manual_seed(seed)
+    init = WorldDualEncoder(model.cfg).text.pieces.weight.detach()
+    trained = model.text.pieces.weight.detach().float()
+    moved = (trained - init).norm(dim=1) / init.norm(dim=1).clamp(min=1e-6)
+    seen = moved > tol
+    seen[0] = True
+    return seen
+
+
 def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = None, out: str | Path | None = None,
                       progress: bool = True, log=None) -> tuple[WorldDualEncoder, dict]:
     """Train a world dual encoder from scratch; returns the model and a training record."""
@@ -379,6 +416,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     gen = torch.Generator().manual_seed(cfg.seed)
+    seen = torch.zeros(model.text.pieces.num_embeddings, dtype=torch.bool)
     history = []
     N, n_fam = pool.pos_words.shape[:2]
     bar = tqdm(range(cfg.steps), desc="training", disable=not progress)
@@ -396,6 +434,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
             words = torch.cat([F.pad(words, (0, L - words.shape[1])), F.pad(neg, (0, L - neg.shape[1]))])
         keep = int((words > 0).any(0).nonzero().max()) + 1
         pieces = drop_pieces(word_pieces_with_typos(table, words[:, :keep], cfg.typo_p, gen), cfg.piece_dropout, gen)
+        seen[pieces.unique()] = True
         with torch.set_grad_enabled(cfg.train_towers != "text"):
             zi = F.normalize(model.visual(x), dim=-1)
         with torch.set_grad_enabled(cfg.train_towers != "image"):
@@ -421,6 +460,10 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
             log(f"step {step + 1}: loss {loss.item():.3f}  val i2t R@1 {m['i2t']['R@1']:.1f}  "
                 f"t2i R@1 {m['t2i']['R@1']:.1f}  ({rec['minutes']:.1f} min)")
     model.eval()
+    zeroed = 0
+    if cfg.zero_unseen_pieces and cfg.init_from is None:
+        zeroed = zero_unseen_pieces(model, seen)
+        log(f"n-gram buckets never used in training, zeroed: {zeroed} of {len(seen) - 1}")
     record = {
         "train_config": asdict(cfg),
         "model_config": asdict(model.cfg),
@@ -436,6 +479,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
                      "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": {"torch": str(torch.__version__), "numpy": str(np.__version__)},
         "n_parameters": sum(p.numel() for p in model.parameters()),
+        "unseen_pieces_zeroed": zeroed,
     }
     record["parent"] = parent
     record["chain_total_seconds"] = round(record["total_seconds"] + (parent or {}).get("chain_total_seconds", 0.0), 1)
