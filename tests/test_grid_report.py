@@ -253,3 +253,14 @@ def test_restamp_only_after_identical_reruns(small_world, tmp_path, tiny_model):
     assert counts["skipped"] == 1 and counts["done"] == 1
     with pytest.raises(ValueError, match="verify"):
         G.restamp_cells(out, ["*"], verify=0, weights=weights_b)
+
+
+def test_restamp_needs_one_old_model(small_world, tmp_path):
+    _, weights = small_world
+    out = tmp_path / "grid"
+    for i, sha in enumerate(("a" * 64, "b" * 64)):
+        G._atomic_json(G.cell_path(out, "world-c/i2t/fog/5", f"m{i}", 0), {
+            "benchmark": "world-c/i2t/fog/5", "metrics": {"R@1": 1.0}, "model": {"weights_sha256": sha}})
+    with pytest.raises(ValueError, match="2 different models"):
+        G.restamp_cells(out, ["world-c/*"], weights=weights, log=lambda m: None)
+    assert G.restamp_cells(out, ["world-c/*"], weights=weights, from_sha="c", log=lambda m: None)["candidates"] == 0

@@ -396,13 +396,16 @@ def restamp_cmd(
     verify: Annotated[int, typer.Option(min=1, help="Stale cells rerun and compared before anything is written.")]
     = 2,
     seed: Annotated[int, typer.Option(help="Seed for choosing the verifying cells.")] = 0,
+    from_sha: Annotated[Optional[str], typer.Option(help="Only cells made with weights whose SHA-256 starts "
+                                                         "with this (when the folder holds several old models).")]
+    = None,
 ) -> None:
     """Mark cells made with a previous world model as current, after rerunning a sample of them with the
     current model and finding identical results (for model changes that provably cannot affect them)."""
     from qshift.bench import grid as G
 
     try:
-        res = G.restamp_cells(folder, pattern, verify=verify, seed=seed, log=console.print)
+        res = G.restamp_cells(folder, pattern, verify=verify, seed=seed, from_sha=from_sha, log=console.print)
     except (ValueError, RuntimeError) as e:
         err.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)

@@ -345,7 +345,8 @@ def _comparable(payload: dict) -> dict:
 
 
 def restamp_cells(out: str | Path, patterns: list[str], verify: int = 2, seed: int = 0,
-                  weights: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  weights: str | Path | None = None, from_sha: str | None = None,
+                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Mark finished cells made with another world model as made with the current one, *after proving*
     that the current model gives them bit-identical results.
 
@@ -355,6 +356,8 @@ def restamp_cells(out: str | Path, patterns: list[str], verify: int = 2, seed: i
     benchmark matches ``patterns`` with the current model, compares everything but timings with the
     stored results, and only if all are identical rewrites the ``model`` record of every matching
     stale cell (adding a ``restamped`` record: the old identity and the cells that verified it).
+    ``from_sha`` (a prefix of the old weights' SHA-256) picks the old model when the folder holds cells
+    of several.
     Nothing is written if any verification differs.  Returns counts and the verifying cells."""
     import random
     import shutil
@@ -373,13 +376,17 @@ def restamp_cells(out: str | Path, patterns: list[str], verify: int = 2, seed: i
             continue
         if "metrics" not in payload or payload.get("model") in (None, current):
             continue
+        if from_sha and not str(payload["model"].get("weights_sha256", "")).startswith(from_sha):
+            continue
         if any(fnmatch.fnmatchcase(payload["benchmark"], p) for p in patterns):
             candidates.append((path, payload))
     if not candidates:
         return {"restamped": 0, "verified_by": [], "candidates": 0}
     old_ids = {json.dumps(p["model"], sort_keys=True) for _, p in candidates}
     if len(old_ids) != 1:
-        raise ValueError(f"matching cells come from {len(old_ids)} different models; restamp one at a time")
+        shas = sorted({p["model"].get("weights_sha256", "?")[:12] for _, p in candidates})
+        raise ValueError(f"matching cells come from {len(old_ids)} different models (weights {', '.join(shas)}); "
+                         "pick one with from_sha / --from-sha")
     picks = random.Random(seed).sample(candidates, min(verify, len(candidates)))
     verified = []
     for path, payload in picks:
