@@ -61,6 +61,7 @@ def render_card(card: dict, weights_name: str) -> str:
         f"{card['train_seconds'] / 60:.1f} min optimising) on {card['hardware']['cpu_count']} CPU cores "
         f"({card['hardware']['platform']}), torch {card['versions']['torch']}.",
         *_lineage_lines(card),
+        *([f"- Afterwards: {card['post_hoc']}"] if card.get("post_hoc") else []),
         f"- Objective: symmetric InfoNCE with a learnt temperature; image→text logits also see "
         f"{card['hard_negatives_per_image']} hard-negative captions per image (one drawn per step): the same scene "
         "with one attribute, position or binding changed.",

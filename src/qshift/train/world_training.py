@@ -48,7 +48,7 @@ N_HARD = 3
 
 @dataclass
 class TrainConfig:
-    """Training recipe; the defaults reproduce the shipped model v6 (v3: steps 2500, typo_p 0.1,
+    """Training recipe; the defaults reproduce the shipped model v6.1 (v3: steps 2500, typo_p 0.1,
     typo_max_edits 1, noise_std_max None (= 0.12), render_size 96, stem_norm False)."""
     seed: int = 0
     steps: int = 2300
@@ -369,7 +369,7 @@ def trained_pieces_by_init(model: WorldDualEncoder, seed: int = 0, tol: float = 
     buckets training used, found by rebuilding the seeded initialisation (a bucket never used gets no
     gradient, and AdamW without weight decay on the embeddings leaves it exactly at its initial value;
     ``tol`` is the relative change below which a row counts as unmoved, above fp16 rounding).  Used to apply :func:`zero_unseen_pieces` to a model trained before that step
-    existed (the shipped v6)."""
+    existed (v6; the result is the shipped v6.1)."""
     torch.manual_seed(seed)
     init = WorldDualEncoder(model.cfg).text.pieces.weight.detach()
     trained = model.text.pieces.weight.detach().float()
