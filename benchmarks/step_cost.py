@@ -2,6 +2,7 @@
 
     python benchmarks/step_cost.py [--batch 64] [--repeats 5] [--methods source,tent,...]
     python benchmarks/step_cost.py --skip-world --vit-batch 8      # only open_clip ViT-B/16
+    python benchmarks/step_cost.py --skip-vit                      # only the world model
 
 Uses the shipped world model on image queries (i2t) against the 10,000-caption gallery; prints the
 median over repeats, the ratio to inference, and REST / TCR.  With open_clip installed it also times
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--vit-batch", type=int, default=8)
     ap.add_argument("--vit-methods", default="source,tent,tcr,rest")
     ap.add_argument("--skip-world", action="store_true", help="only the open_clip ViT-B/16 timing")
+    ap.add_argument("--skip-vit", action="store_true", help="only the world-model timing")
     args = ap.parse_args()
     if args.skip_world:
         time_openclip(args.vit_batch, args.repeats, [m.strip() for m in args.vit_methods.split(",") if m.strip()])
@@ -70,6 +72,8 @@ def main() -> None:
           f"median of {args.repeats}")
     t = time_methods(model, gallery, torch.as_tensor(test.caption_image), items, methods, args.repeats)
     print_table(t)
+    if args.skip_vit:
+        return
     try:
         import open_clip  # noqa: F401
     except ImportError:
