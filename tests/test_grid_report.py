@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from qshift.bench import grid as G
-from qshift.bench.report import README_END, README_START, build_tables, load_cells, update_readme, write_report
+from qshift.bench.report import (README_END, README_START, Cell, build_summary, build_tables, load_cells,
+                                 table_markdown, update_readme, write_report)
 from qshift.cli import app
 from qshift.data import world
 
@@ -264,3 +265,26 @@ def test_restamp_needs_one_old_model(small_world, tmp_path):
     with pytest.raises(ValueError, match="2 different models"):
         G.restamp_cells(out, ["world-c/*"], weights=weights, log=lambda m: None)
     assert G.restamp_cells(out, ["world-c/*"], weights=weights, from_sha="c", log=lambda m: None)["candidates"] == 0
+
+
+def _cell(bench, label, seed, r1):
+    return Cell(bench, label, label.split("[")[0], seed, {"R@1": r1}, {}, None, [], 1.0)
+
+
+def test_summary_family_means_seed_spread_and_change_against_source():
+    cells = [_cell("world-clean/i2t", "source", 0, 50.0), _cell("world-clean/i2t", "rest", 0, 52.0),
+             _cell("world-clean/i2t", "rest", 1, 54.0), _cell("world-clean/i2t", "tent", 0, 40.0)]
+    for seed, (a, b) in enumerate([(10.0, 20.0), (14.0, 24.0)]):  # rest: family means 15 and 19 -> 17 ± 2
+        cells += [_cell("world-c/i2t/fog/5", "rest", seed, a), _cell("world-c/i2t/snow/5", "rest", seed, b)]
+    cells += [_cell("world-c/i2t/fog/5", "source", 0, 5.0), _cell("world-c/i2t/snow/5", "source", 0, 7.0),
+              _cell("world-c/i2t/fog/5", "tent", 0, 9.0)]  # tent lacks snow: no family mean
+    cells += [_cell("world-diverse/i2t/mix8/order0", "rest", 0, 30.0)]  # streams stay out of the summary
+    summary, delta = build_summary(cells)
+    assert summary.columns == ["clean i2t", "corruptions s5"] and list(summary.rows) == ["source", "tent", "rest"]
+    assert summary.rows["rest"] == pytest.approx([53.0, 17.0]) and summary.spread["rest"] == pytest.approx([1.0, 2.0])
+    assert summary.rows["tent"] == [40.0, None] and summary.seeds == 2
+    assert delta.columns == ["Δ clean i2t", "Δ corruptions s5"] and "source" not in delta.rows
+    assert delta.rows["rest"] == pytest.approx([3.0, 11.0]) and delta.rows["tent"] == [-10.0, None]
+    md = table_markdown(delta)
+    assert "| rest | **+3.0** | +11.0 |" in md and "| tent | -10.0 | – |" in md
+    assert build_summary([c for c in cells if c.benchmark.startswith("world-c/")]) == []  # one family: no summary

@@ -170,6 +170,66 @@ def build_tables(cells: list[Cell], metric: str = "R@1") -> list[Table]:
     return tables
 
 
+def _summary_column(title: str, col: str) -> str:
+    """Short name of a family's mean in the summary table (``Clean`` keeps one column per direction)."""
+    if title == "Clean":
+        return f"clean {col}"
+    if title.startswith("Image corruptions, severity "):
+        return f"corruptions s{title.split('severity ')[1].split(' ')[0]}"
+    if title.startswith("Text perturbations, level "):
+        return f"text L{title.split('level ')[1].split(' ')[0]}"
+    head, direction = title.split(" (")[0], title.split("(")[1].split(" ")[0]
+    return {"Query–gallery shift": "QGS", "Held-out caption styles": "styles", "Mixed shift": "mixed"}.get(
+        head, head) + f" {direction}"
+
+
+def build_summary(cells: list[Cell], metric: str = "R@1") -> list[Table]:
+    """The family means side by side (methods × {clean, each shift family}) and their change against
+    ``source`` — the clean column's change is how much of a method's gain also appears without shift.
+
+    A family's mean counts for a method and seed only when that seed has every shift of the family (the
+    union over methods); with several seeds the table shows mean ± std over seeds of the family mean.
+    Empty (no table) when there are fewer than two families."""
+    per: dict[str, dict[str, dict[int, dict[str, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    shifts: dict[str, set[str]] = defaultdict(set)
+    for c in cells:
+        fam = _family(c.benchmark)
+        if fam is None:
+            continue
+        title, col = fam
+        name = _summary_column(title, col)
+        key = col if title == "Clean" else f"{title}/{col}"
+        per[name][c.label][c.seed][key] = c.metrics[metric]
+        shifts[name].add(key)
+    if len(per) < 2:
+        return []
+    order = sorted(per, key=lambda n: (not n.startswith("clean"), n))
+    labels = _order({lbl for n in per for lbl in per[n]})
+    rows, spread, n_seeds = {}, {}, 1
+    means: dict[str, list[float | None]] = {}
+    for label in labels:
+        vals, sds, mv = [], [], []
+        for name in order:
+            fam_means = [float(np.mean(list(v.values()))) for v in per[name].get(label, {}).values()
+                         if set(v) == shifts[name]]
+            n_seeds = max(n_seeds, len(fam_means))
+            vals.append(float(np.mean(fam_means)) if fam_means else None)
+            sds.append(float(np.std(fam_means)) if len(fam_means) > 1 else None)
+        rows[label], spread[label], means[label] = vals, sds, vals
+    summary = Table(f"Summary: mean {metric} of each shift family", order, rows, spread, n_seeds, metric)
+    summary._no_mean = True  # type: ignore[attr-defined]
+    out = [summary]
+    if "source" in rows:
+        ref = rows["source"]
+        delta = {k: [None if v is None or r is None else v - r for v, r in zip(vals, ref)]
+                 for k, vals in rows.items() if k != "source"}
+        d = Table(f"Summary: change against source ({metric} points; the clean columns show how much of a "
+                  "gain appears without any shift; means over seeds)", [f"Δ {n}" for n in order], delta, {}, 1, metric)
+        d._no_mean = True  # type: ignore[attr-defined]
+        out.append(d)
+    return out
+
+
 def _diverse_summary(t: Table) -> Table:
     """Average the diverse-stream columns over domain orders: online, Δclean, Δfirst (+ per order online)."""
     orders = sorted({c.split(" ")[0] for c in t.columns})
@@ -387,7 +447,7 @@ def write_report(out: str | Path, report_dir: str | Path | None = None) -> dict:
     rdir = Path(report_dir) if report_dir is not None else out / "report"
     (rdir / "tables").mkdir(parents=True, exist_ok=True)
     (rdir / "plots").mkdir(parents=True, exist_ok=True)
-    tables = build_tables(cells)
+    tables = build_summary(cells) + build_tables(cells)
     md = [f"# qshift report: {out}", "",
           f"{len(cells)} finished cells; {sum(c.seconds for c in cells) / 60:.1f} min of run time in all. "
           "Online metrics: every query scored once, when its batch arrived.", ""]
