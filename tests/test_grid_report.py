@@ -277,14 +277,17 @@ def test_summary_family_means_seed_spread_and_change_against_source():
     for seed, (a, b) in enumerate([(10.0, 20.0), (14.0, 24.0)]):  # rest: family means 15 and 19 -> 17 ± 2
         cells += [_cell("world-c/i2t/fog/5", "rest", seed, a), _cell("world-c/i2t/snow/5", "rest", seed, b)]
     cells += [_cell("world-c/i2t/fog/5", "source", 0, 5.0), _cell("world-c/i2t/snow/5", "source", 0, 7.0),
-              _cell("world-c/i2t/fog/5", "tent", 0, 9.0)]  # tent lacks snow: no family mean
+              _cell("world-c/i2t/fog/5", "tent", 0, 9.0),  # tent lacks snow: no family mean
+              _cell("world-c/i2t/fog/3", "source", 0, 30.0), _cell("world-c/i2t/fog/5", "eta", 0, 9.0)]
     cells += [_cell("world-diverse/i2t/mix8/order0", "rest", 0, 30.0)]  # streams stay out of the summary
     summary, delta = build_summary(cells)
-    assert summary.columns == ["clean i2t", "corruptions s5"] and list(summary.rows) == ["source", "tent", "rest"]
-    assert summary.rows["rest"] == pytest.approx([53.0, 17.0]) and summary.spread["rest"] == pytest.approx([1.0, 2.0])
-    assert summary.rows["tent"] == [40.0, None] and summary.seeds == 2
-    assert delta.columns == ["Δ clean i2t", "Δ corruptions s5"] and "source" not in delta.rows
-    assert delta.rows["rest"] == pytest.approx([3.0, 11.0]) and delta.rows["tent"] == [-10.0, None]
+    # severity 5 before 3; eta has no complete family and is left out
+    assert summary.columns == ["clean i2t", "corruptions s5", "corruptions s3"]
+    assert list(summary.rows) == ["source", "tent", "rest"]
+    assert summary.rows["rest"][:2] == pytest.approx([53.0, 17.0]) and summary.spread["rest"][:2] == pytest.approx([1.0, 2.0])
+    assert summary.rows["tent"] == [40.0, None, None] and summary.seeds == 2
+    assert delta.columns == ["Δ clean i2t", "Δ corruptions s5", "Δ corruptions s3"] and "source" not in delta.rows
+    assert delta.rows["rest"] == pytest.approx([3.0, 11.0, None]) and delta.rows["tent"] == [-10.0, None, None]
     md = table_markdown(delta)
-    assert "| rest | **+3.0** | +11.0 |" in md and "| tent | -10.0 | – |" in md
-    assert build_summary([c for c in cells if c.benchmark.startswith("world-c/")]) == []  # one family: no summary
+    assert "| rest | **+3.0** | +11.0 | – |" in md and "| tent | -10.0 | – | – |" in md
+    assert build_summary([c for c in cells if c.benchmark.endswith("/5")]) == []  # one family: no summary

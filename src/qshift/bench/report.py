@@ -203,10 +203,16 @@ def build_summary(cells: list[Cell], metric: str = "R@1") -> list[Table]:
         shifts[name].add(key)
     if len(per) < 2:
         return []
-    order = sorted(per, key=lambda n: (not n.startswith("clean"), n))
+    rank = ("clean", "corruptions", "text", "QGS", "styles", "mixed")
+
+    def col_key(n: str):
+        head, _, rest = n.partition(" ")
+        level = int(rest[1:]) if head in ("corruptions", "text") and rest[1:].isdigit() else 0
+        return (rank.index(head) if head in rank else len(rank), -level, n)
+
+    order = sorted(per, key=col_key)
     labels = _order({lbl for n in per for lbl in per[n]})
     rows, spread, n_seeds = {}, {}, 1
-    means: dict[str, list[float | None]] = {}
     for label in labels:
         vals, sds, mv = [], [], []
         for name in order:
@@ -215,7 +221,8 @@ def build_summary(cells: list[Cell], metric: str = "R@1") -> list[Table]:
             n_seeds = max(n_seeds, len(fam_means))
             vals.append(float(np.mean(fam_means)) if fam_means else None)
             sds.append(float(np.std(fam_means)) if len(fam_means) > 1 else None)
-        rows[label], spread[label], means[label] = vals, sds, vals
+        if any(v is not None for v in vals):  # a method with no complete family is left out
+            rows[label], spread[label] = vals, sds
     summary = Table(f"Summary: mean {metric} of each shift family", order, rows, spread, n_seeds, metric)
     summary._no_mean = True  # type: ignore[attr-defined]
     out = [summary]
