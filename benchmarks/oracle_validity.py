@@ -6,6 +6,9 @@
 Runs `source` and the supervised `oracle` (METHOD.md §6; it uses labels, so it is an upper bound,
 never a competitor) online over each image corruption (i2t, 2,000-image test set) and prints online
 R@1 and the mean gain.  The methods issue asks for a mean gain of at least +10 points at severity 5.
+It also records how far the oracle moved the LayerNorm parameters over the stream (max and mean
+|Δθ|): AdamW moves a parameter by about the learning rate per step at most, so the protocol's budget
+is ≈ steps × batches × lr, and a shift that needs more cannot be undone under it.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import torch
 
 from qshift.bench.grid import model_identity
 from qshift.bench.registry import build_benchmark
@@ -31,15 +36,21 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     rows = {}
-    print(f"{'corruption':<18} {'source':>7} {'oracle':>7} {'gain':>6}", flush=True)
+    print(f"{'corruption':<18} {'source':>7} {'oracle':>7} {'gain':>6}   oracle's parameter change", flush=True)
     for c in args.corruptions.split(","):
         task = build_benchmark(f"world-c/i2t/{c}/{args.severity}", progress=False)
         r = {}
         for method in ("source", "oracle"):
             model = WorldRetrievalModel(load_world_model(args.weights), "image")
+            before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
             r[method] = run_online(model, task, RunConfig(method=method, seed=args.seed), progress=False).metrics["R@1"]
+        moved = torch.cat([(p.detach() - before[n]).abs().flatten() for n, p in model.encoder.named_parameters()
+                           if not torch.equal(p.detach(), before[n])])
+        r["oracle_max_abs_dtheta"] = float(moved.max()) if moved.numel() else 0.0
+        r["oracle_mean_abs_dtheta"] = float(moved.mean()) if moved.numel() else 0.0
         rows[c] = r
-        print(f"{c:<18} {r['source']:>7.1f} {r['oracle']:>7.1f} {r['oracle'] - r['source']:>+6.1f}", flush=True)
+        print(f"{c:<18} {r['source']:>7.1f} {r['oracle']:>7.1f} {r['oracle'] - r['source']:>+6.1f}"
+              f"   |Δθ| max {r['oracle_max_abs_dtheta']:.3f} mean {r['oracle_mean_abs_dtheta']:.3f}", flush=True)
     gain = sum(r["oracle"] - r["source"] for r in rows.values()) / len(rows)
     print(f"mean gain of oracle over source: {gain:+.1f} R@1 points ({len(rows)} corruptions, "
           f"severity {args.severity}, {time.time() - t0:.0f}s)")
