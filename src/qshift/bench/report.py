@@ -230,8 +230,10 @@ def build_summary(cells: list[Cell], metric: str = "R@1") -> list[Table]:
         ref = rows["source"]
         delta = {k: [None if v is None or r is None else v - r for v, r in zip(vals, ref)]
                  for k, vals in rows.items() if k != "source"}
-        d = Table(f"Summary: change against source ({metric} points; the clean columns show how much of a "
-                  "gain appears without any shift; means over seeds)", [f"Δ {n}" for n in order], delta, {}, 1, metric)
+        note = "; the clean columns show how much of a gain appears without any shift" \
+            if any(n.startswith("clean") for n in order) else ""
+        d = Table(f"Summary: change against source ({metric} points{note}; means over seeds)",
+                  [f"Δ {n}" for n in order], delta, {}, 1, metric)
         d._no_mean = True  # type: ignore[attr-defined]
         out.append(d)
     return out
