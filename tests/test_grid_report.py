@@ -288,6 +288,7 @@ def test_summary_family_means_seed_spread_and_change_against_source():
     assert summary.rows["tent"] == [40.0, None, None] and summary.seeds == 2
     assert delta.columns == ["Δ clean i2t", "Δ corruptions s5", "Δ corruptions s3"] and "source" not in delta.rows
     assert delta.rows["rest"] == pytest.approx([3.0, 11.0, None]) and delta.rows["tent"] == [-10.0, None, None]
+    assert "where ± is shown; other cells: fewer seeds" in table_markdown(summary)  # tent ran 1 seed
     md = table_markdown(delta)
     assert "| rest | **+3.0** | +11.0 | – |" in md and "| tent | -10.0 | – | – |" in md
     assert build_summary([c for c in cells if c.benchmark.endswith("/5")]) == []  # one family: no summary

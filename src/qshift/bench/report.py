@@ -279,7 +279,11 @@ def table_markdown(t: Table) -> str:
             best[j] = max(vals)[0]
     head = "| method | " + " | ".join(cols) + " |"
     sep = "| --- | " + " | ".join("---:" for _ in cols) + " |"
-    lines = [f"**{t.title}**" + (f" (mean ± std over {t.seeds} seeds)" if t.seeds > 1 else ""), "", head, sep]
+    partial = any(v is not None and (j >= len(t.spread.get(k, [])) or t.spread[k][j] is None)
+                  for k, vals in t.rows.items() for j, v in enumerate(vals))
+    suffix = "" if t.seeds <= 1 else (f" (mean ± std over {t.seeds} seeds where ± is shown; other cells: fewer seeds)"
+                                      if partial else f" (mean ± std over {t.seeds} seeds)")
+    lines = [f"**{t.title}**{suffix}", "", head, sep]
     for k, vals in rows.items():
         sds = t.spread.get(k, [None] * len(vals)) + [None] * (len(vals) - len(t.spread.get(k, [])))
         cells = [_fmt(v, sds[j] if j < len(sds) else None, bold=(k in competitors and j in best and v == best[j]),
