@@ -107,3 +107,38 @@ def test_render_size_comes_from_the_environment_and_is_checked():
     bad = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "QSHIFT_RENDER_SIZE": "100"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "multiple of 96" in bad.stderr
+
+
+def test_background_grey_range_comes_from_the_environment_and_only_changes_backgrounds():
+    import os
+    import subprocess
+    import sys
+    code = ("from qshift.data import world; s = world.generate_world(5, 4); "
+            "print(world.BG_GREY, world.world_variant(), [o.shape for sc in s.scenes for o in sc.objects], "
+            "[round(sum(sc.background.base) / 3) for sc in s.scenes])")
+    env = {k: v for k, v in os.environ.items() if k != "QSHIFT_WORLD_BG_GREY"}
+    std = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    dark = subprocess.run([sys.executable, "-c", code], env={**env, "QSHIFT_WORLD_BG_GREY": "20,60"},
+                          capture_output=True, text=True, check=True).stdout
+    assert std.startswith("(90.0, 200.0) {} ") and dark.startswith("(20.0, 60.0) {'bg_grey': [20.0, 60.0]} ")
+    # the same objects (the random stream is unchanged), darker backgrounds
+    std_objs, dark_objs = std.split("] [")[0].split("} ")[1], dark.split("] [")[0].split("} ")[1]
+    assert std_objs == dark_objs
+    greys = [int(v) for v in dark.rsplit("[", 1)[1].strip(" ]\n").split(",")]
+    assert all(g <= 60 + 30 for g in greys) and max(greys) < min(
+        int(v) for v in std.rsplit("[", 1)[1].strip(" ]\n").split(",")) + 100
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "QSHIFT_WORLD_BG_GREY": "200,20"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "lo < hi" in bad.stderr
+
+
+def test_a_world_variant_is_cached_apart_and_recorded_in_the_model_identity(small_world, tmp_path, monkeypatch):
+    from qshift.bench.grid import model_identity
+    std = registry.build_benchmark("world-c/i2t/gaussian_noise/5")
+    assert "bg_grey" not in model_identity(None)
+    monkeypatch.setattr(world, "BG_GREY", (20.0, 60.0))
+    assert model_identity(None)["bg_grey"] == [20.0, 60.0]
+    assert len(list((tmp_path / "cache").glob("render-*.npy"))) == 1
+    registry.build_benchmark("world-c/i2t/gaussian_noise/5")
+    assert len(list((tmp_path / "cache").glob("render-*.npy"))) == 2  # not served from the standard entry
+    assert std.query_sets[0].items.shape[0] == 40

@@ -206,7 +206,7 @@ def model_identity(weights: str | Path | None) -> dict[str, Any]:
 
     path = Path(weights) if weights else shipped_weights_path()
     return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "world_version": WORLD_VERSION,
-            "render_size": world.RENDER_SIZE}
+            "render_size": world.RENDER_SIZE, **world.world_variant()}
 
 
 def _finished(path: Path, expected: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> bool:

@@ -23,7 +23,7 @@ def default_workers() -> int:
 def _split_spec(split: world.WorldSplit) -> dict:
     # the render size joins the key only when it is not the default, so that existing caches stay valid
     size = {"render_size": world.RENDER_SIZE} if world.RENDER_SIZE != world.IMAGE_SIZE else {}
-    return {"world_version": WORLD_VERSION, **size, "split": split.name, "world_seed": split.seed,
+    return {"world_version": WORLD_VERSION, **size, **world.world_variant(), "split": split.name, "world_seed": split.seed,
             "n_images": len(split)}
 
 

@@ -49,6 +49,32 @@ def _render_size_from_env() -> int:
 #: (docs/world.md, "Benchmark validity"); ``QSHIFT_RENDER_SIZE=96`` gives the old world.
 #: Shifted sets are cached per render size.
 RENDER_SIZE = _render_size_from_env()
+
+#: the range of a scene background's grey level (0-255) before its tint; world v1 draws 90-200.
+#: ``QSHIFT_WORLD_BG_GREY=lo,hi`` selects another range, for probing a candidate world (cached sets and
+#: result cells record it when it is not the default).
+DEFAULT_BG_GREY = (90.0, 200.0)
+
+
+def _bg_grey_from_env() -> tuple[float, float]:
+    raw = os.environ.get("QSHIFT_WORLD_BG_GREY")
+    if raw is None:
+        return DEFAULT_BG_GREY
+    try:
+        lo, hi = (float(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"QSHIFT_WORLD_BG_GREY must be 'lo,hi' (grey levels 0-255), got {raw!r}") from None
+    if not 0 <= lo < hi <= 255:
+        raise ValueError(f"QSHIFT_WORLD_BG_GREY needs 0 <= lo < hi <= 255, got {raw!r}")
+    return (lo, hi)
+
+
+BG_GREY = _bg_grey_from_env()
+
+
+def world_variant() -> dict:
+    """The non-default world knobs in force ({} for the standard world), for cache keys and results."""
+    return {"bg_grey": list(BG_GREY)} if BG_GREY != DEFAULT_BG_GREY else {}
 SUPERSAMPLE = 4
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "crescent")
@@ -222,7 +248,7 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scen
             break
     else:  # pragma: no cover - 100 failures in a row do not happen with these sizes
         raise RuntimeError("could not place objects")
-    grey = rng.uniform(90, 200)
+    grey = rng.uniform(*BG_GREY)
     tint = rng.normal(0, 12, size=3)
     background = Background(
         base=tuple(int(np.clip(grey + t, 0, 255)) for t in tint),

@@ -70,6 +70,7 @@ def render_card(card: dict, weights_name: str) -> str:
         _overlap_line(card),
         f"- Training scenes rendered at {tc.get('render_size', 96)} px and area-downsampled to the "
         f"{mc['image_size']} px input, as the benchmark's images are (world.RENDER_SIZE = {world.RENDER_SIZE}).",
+        *([f"- World variant (not the standard world): {card['world_variant']}."] if card.get("world_variant") else []),
         "",
         "## Architecture",
         "",

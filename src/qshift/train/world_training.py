@@ -467,6 +467,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
     record = {
         "train_config": asdict(cfg),
         "model_config": asdict(model.cfg),
+        "world_variant": world.world_variant(),
         "augmentations": {**AUGMENTATIONS, **({"noise_p": cfg.noise_p} if cfg.noise_p is not None else {}),
                           **({"noise_std": (0.0, cfg.noise_std_max)} if cfg.noise_std_max is not None else {}),
                           "piece_dropout": cfg.piece_dropout, "typo_p": cfg.typo_p, "typo_max_edits": cfg.typo_max_edits},
