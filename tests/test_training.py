@@ -7,8 +7,8 @@ import torch
 from qshift.data import world
 from qshift.models.world_model import WorldDualEncoder, WorldModelConfig
 from qshift.train.model_card import render_card
-from qshift.train.world_training import (TrainConfig, augment, perturb_scene, train_world_model, trained_pieces_by_init,
-                                         zero_unseen_pieces)
+from qshift.train.world_training import (TrainConfig, augment, illuminate, perturb_scene, smooth_field,
+                                         train_world_model, trained_pieces_by_init, zero_unseen_pieces)
 
 
 def test_augment_keeps_left_and_right():
@@ -18,6 +18,30 @@ def test_augment_keeps_left_and_right():
     assert out.shape == (8, 3, 96, 96)
     left, right = out[..., :48].mean((1, 2, 3)), out[..., 48:].mean((1, 2, 3))
     assert (left > right).all(), "an augmentation flipped the image"
+
+
+def test_illumination_field_is_smooth_and_blends_as_fog_does():
+    gen = torch.Generator().manual_seed(0)
+    field = smooth_field(4, 96, 96, gen)
+    assert field.shape == (4, 1, 96, 96)
+    assert torch.allclose(field.amin((2, 3)), torch.zeros(4, 1)) and torch.allclose(field.amax((2, 3)), torch.ones(4, 1))
+    # low frequency: neighbouring pixels differ by a small fraction of the range
+    assert field.diff(dim=-1).abs().max() < 0.1
+    x = torch.rand(2, 3, 96, 96)
+    out = illuminate(x, torch.tensor([0.0, 1.0]), torch.Generator().manual_seed(1))
+    assert torch.equal(out[0], x[0])  # a = 0 leaves the image alone
+    p = smooth_field(2, 96, 96, torch.Generator().manual_seed(1))[1]
+    assert torch.allclose(out[1], (x[1] + p) / 2, atol=1e-6)  # (x + a·P) / (1 + a), the same field for all channels
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_illumination_augmentation_off_keeps_the_stream_and_on_changes_images():
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (8, 96, 96, 3), dtype=np.uint8))
+    base = augment(img, torch.Generator().manual_seed(0))
+    off = augment(img, torch.Generator().manual_seed(0), illum_p=0.0, illum_amp_max=0.75)
+    assert torch.equal(base, off)  # off draws no random numbers: the shipped recipe reproduces
+    on = augment(img, torch.Generator().manual_seed(0), illum_p=1.0, illum_amp_max=0.75)
+    assert not torch.allclose(base, on)
 
 
 def test_hard_negatives_change_what_the_captions_say():

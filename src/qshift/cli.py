@@ -526,6 +526,12 @@ def train_world_model_cmd(
                                                      "Gaussian pixel noise (shipped: 0.5).")] = None,
     noise_std_max: Annotated[Optional[float], typer.Option(min=0.0, help="Largest std of the Gaussian pixel-noise "
                                                            "augmentation (default 0.04, as v6; v3: 0.12).")] = None,
+    illum_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Share of training images blended "
+                                                     "with a smooth grey illumination field (default 0, as "
+                                                     "v6.1).")] = None,
+    illum_amp_max: Annotated[Optional[float], typer.Option(min=0.0, help="Largest amplitude a of that field, "
+                                                           "(x + a·P) / (1 + a); ImageNet-C fog severity 1 is "
+                                                           "a = 1.5.")] = None,
     render_size: Annotated[Optional[int], typer.Option(min=96, help="Render training scenes at this size and "
                                                        "area-downsample to 96 px (the benchmark renders at "
                                                        "192; 96 reproduces v3).")] = None,
@@ -555,8 +561,11 @@ def train_world_model_cmd(
                                    "train_towers": train_towers, "noise_p": noise_p,
                                    "standardise_input": standardise, "render_size": render_size,
                                    "noise_std_max": noise_std_max, "stem_norm": stem_norm,
+                                   "illum_p": illum_p, "illum_amp_max": illum_amp_max,
                                    "zero_unseen_pieces": zero_unseen_pieces}.items() if v is not None}
     cfg = replace(cfg, **overrides)
+    if (cfg.illum_p > 0) != (cfg.illum_amp_max > 0):
+        raise typer.BadParameter("--illum-p and --illum-amp-max go together: give both (> 0) or neither")
     if zero_unseen_pieces is not None and init_from is not None:
         raise typer.BadParameter("--zero-unseen-pieces / --keep-unseen-pieces apply to a model trained from "
                                  "scratch; a fine-tune keeps its checkpoint's zeroed buckets (they get no gradient)")

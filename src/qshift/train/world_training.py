@@ -90,6 +90,10 @@ class TrainConfig:
     # any of its typo variants) ever used, so an n-gram the model never saw (e.g. a test-time typo's)
     # adds nothing to its word instead of an untrained random vector; clean captions are unaffected
     zero_unseen_pieces: bool = True
+    # low-frequency illumination augmentation: this share of training images is blended with a smooth
+    # grey field, (x + a·P) / (1 + a), a ~ U(0, illum_amp_max); fog severity 1 is a = 1.5. Off (0) in v6.1
+    illum_p: float = 0.0
+    illum_amp_max: float = 0.0
 
 
 # ------------------------------------------------------------------------------- the pool
@@ -268,9 +272,34 @@ def drop_pieces(pieces: torch.Tensor, p: float, gen: torch.Generator) -> torch.T
     return pieces.masked_fill(drop, 0)
 
 
+def smooth_field(n: int, height: int, width: int, gen: torch.Generator,
+                 octaves: tuple[int, ...] = (3, 5, 9)) -> torch.Tensor:
+    """``n`` smooth random grey fields in [0, 1], shape [n, 1, H, W]: a few octaves of bilinearly upsampled
+    Gaussian noise (coarsest first, each half the amplitude of the one before), min-max scaled per field.
+    A cheap stand-in for the plasma fractal behind ImageNet-C's fog."""
+    field = torch.zeros(n, 1, height, width)
+    for i, cells in enumerate(octaves):
+        coarse = torch.randn(n, 1, cells, cells, generator=gen)
+        field += 0.5 ** i * F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=True)
+    lo = field.amin((2, 3), keepdim=True)
+    hi = field.amax((2, 3), keepdim=True)
+    return (field - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def illuminate(x: torch.Tensor, amp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Blend images [B, 3, H, W] in [0, 1] with a smooth grey field: (x + a·P) / (1 + a) per image, ``amp``
+    [B] the a's. ImageNet-C's fog is the same form with a = 1.5 (severity 1) to 3 (severity 5)."""
+    B, _, H, W = x.shape
+    a = amp[:, None, None, None]
+    return (x + a * smooth_field(B, H, W, gen)) / (1 + a)
+
+
 def augment(images: torch.Tensor, gen: torch.Generator, noise_p: float | None = None,
-            noise_std_max: float | None = None) -> torch.Tensor:
-    """uint8 [B, H, W, 3] → augmented, normalised float [B, 3, H, W]."""
+            noise_std_max: float | None = None, illum_p: float = 0.0,
+            illum_amp_max: float = 0.0) -> torch.Tensor:
+    """uint8 [B, H, W, 3] → augmented, normalised float [B, 3, H, W]. With ``illum_p`` > 0 that share of the
+    images gets a smooth low-frequency illumination field (``illuminate``, amplitude U(0, illum_amp_max));
+    with it off no random numbers are drawn for it, so the shipped recipe's stream is unchanged."""
     a = dict(AUGMENTATIONS)
     if noise_p is not None:
         a["noise_p"] = noise_p
@@ -294,6 +323,10 @@ def augment(images: torch.Tensor, gen: torch.Generator, noise_p: float | None = 
     m = x.mean((1, 2, 3), keepdim=True)
     x = m + (x - m) * u(*a["contrast"])[:, None, None, None]
     x = x * u(*a["brightness"])[:, None, None, None]
+    if illum_p > 0 and illum_amp_max > 0:
+        lit = torch.rand(B, generator=gen) < illum_p
+        amp = u(0.0, illum_amp_max) * lit
+        x = torch.where(lit[:, None, None, None], illuminate(x.clamp(0, 1), amp, gen), x)
     # mild blur on a random subset
     blur = torch.rand(B, generator=gen) < a["blur_p"]
     if blur.any():
@@ -425,7 +458,7 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         model.train()
         idx = torch.randint(N, (cfg.batch_size,), generator=gen)
         fam = torch.randint(n_fam, (cfg.batch_size,), generator=gen)
-        x = augment(pool.images[idx], gen, cfg.noise_p, cfg.noise_std_max)
+        x = augment(pool.images[idx], gen, cfg.noise_p, cfg.noise_std_max, cfg.illum_p, cfg.illum_amp_max)
         words = pool.pos_words[idx, fam].long()
         if cfg.hard_negatives:
             hn = torch.randint(pool.neg_words.shape[1], (cfg.batch_size,), generator=gen)
@@ -470,7 +503,8 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         "world_variant": world.world_variant(),
         "augmentations": {**AUGMENTATIONS, **({"noise_p": cfg.noise_p} if cfg.noise_p is not None else {}),
                           **({"noise_std": (0.0, cfg.noise_std_max)} if cfg.noise_std_max is not None else {}),
-                          "piece_dropout": cfg.piece_dropout, "typo_p": cfg.typo_p, "typo_max_edits": cfg.typo_max_edits},
+                          "piece_dropout": cfg.piece_dropout, "typo_p": cfg.typo_p, "typo_max_edits": cfg.typo_max_edits,
+                          "illum_p": cfg.illum_p, "illum_amp_max": cfg.illum_amp_max},
         "hard_negatives_per_image": N_HARD if cfg.hard_negatives else 0,
         "pool_seconds": round(t_pool, 1),
         "train_seconds": round(time.time() - t_train, 1),
