@@ -132,6 +132,27 @@ def test_background_grey_range_comes_from_the_environment_and_only_changes_backg
     assert bad.returncode != 0 and "lo < hi" in bad.stderr
 
 
+def test_test_split_size_comes_from_the_environment_and_keeps_the_standard_prefix():
+    import os
+    import subprocess
+    import sys
+    code = ("from qshift.data import world; t = world.load_split('test'); k = world.load_split('test1k'); "
+            "print(world.TEST_IMAGES, world.world_variant(), len(t.scenes), len(t.captions), "
+            "hash(tuple(sc.layout_key for sc in k.scenes)), hash(tuple(k.captions)))")
+    env = {k: v for k, v in os.environ.items() if k != "QSHIFT_WORLD_TEST_IMAGES"}
+    env["PYTHONHASHSEED"] = "0"
+    big = subprocess.run([sys.executable, "-c", code], env={**env, "QSHIFT_WORLD_TEST_IMAGES": "2500"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    std = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert big[:4] == ["2500", "{'test_images':", "2500}", "2500"] and big[4] == "12500"
+    assert std[:4] == ["2000", "{}", "2000", "10000"]
+    assert big[-2:] == std[-2:]  # test1k (the first 1,000 images and their captions) is the standard one
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "QSHIFT_WORLD_TEST_IMAGES": "500"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "1000..20000" in bad.stderr
+
+
 def test_a_world_variant_is_cached_apart_and_recorded_in_the_model_identity(small_world, tmp_path, monkeypatch):
     from qshift.bench.grid import model_identity
     std = registry.build_benchmark("world-c/i2t/gaussian_noise/5")

@@ -72,9 +72,37 @@ def _bg_grey_from_env() -> tuple[float, float]:
 BG_GREY = _bg_grey_from_env()
 
 
+#: Images in the ``test`` split (10,000 captions with 2,000). ``QSHIFT_WORLD_TEST_IMAGES=N`` draws a larger
+#: (or smaller) test split from the same seed for probing how stream length matters, e.g. 5,000 as COCO's
+#: 5K test; the scenes are drawn in order, so the first 2,000 (and ``test1k``) are those of the standard
+#: split. Recorded by ``world_variant`` like the background range.
+DEFAULT_TEST_IMAGES = 2000
+
+
+def _test_images_from_env() -> int:
+    raw = os.environ.get("QSHIFT_WORLD_TEST_IMAGES")
+    if raw is None:
+        return DEFAULT_TEST_IMAGES
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"QSHIFT_WORLD_TEST_IMAGES must be a whole number of images, got {raw!r}") from None
+    if not 1000 <= n <= 20000:
+        raise ValueError(f"QSHIFT_WORLD_TEST_IMAGES must be within 1000..20000 (test1k is its first 1,000), got {n}")
+    return n
+
+
+TEST_IMAGES = _test_images_from_env()
+
+
 def world_variant() -> dict:
     """The non-default world knobs in force ({} for the standard world), for cache keys and results."""
-    return {"bg_grey": list(BG_GREY)} if BG_GREY != DEFAULT_BG_GREY else {}
+    variant: dict = {}
+    if BG_GREY != DEFAULT_BG_GREY:
+        variant["bg_grey"] = list(BG_GREY)
+    if TEST_IMAGES != DEFAULT_TEST_IMAGES:
+        variant["test_images"] = TEST_IMAGES
+    return variant
 SUPERSAMPLE = 4
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "diamond", "cross", "crescent")
@@ -498,7 +526,7 @@ def scene_captions(scene: Scene, rng: np.random.Generator, n: int = CAPTIONS_PER
 
 SPLITS: dict[str, dict] = {
     "val": {"seed": 2, "n_images": 1000},
-    "test": {"seed": 3, "n_images": 2000},
+    "test": {"seed": 3, "n_images": TEST_IMAGES},
 }
 TRAIN_SEED = 1
 
@@ -542,7 +570,8 @@ _SPLIT_CACHE: dict[str, WorldSplit] = {}
 
 
 def load_split(name: str) -> WorldSplit:
-    """A fixed split: ``val``, ``test`` (2,000 images) or ``test1k`` (its first 1,000 images)."""
+    """A fixed split: ``val``, ``test`` (2,000 images unless ``QSHIFT_WORLD_TEST_IMAGES``) or ``test1k`` (its
+    first 1,000 images)."""
     if name in _SPLIT_CACHE:
         return _SPLIT_CACHE[name]
     if name == "test1k":
