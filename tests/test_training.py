@@ -81,6 +81,10 @@ def test_tiny_training_run_learns_and_records(tmp_path, monkeypatch):
         test_set={"name": "test", "seed": 3, "n_images": 2000, "n_captions": 10000, "sha256": "ab"})
     text = render_card(fake, "m.pt")
     assert "qshift train-world-model --steps 12" in text and "| test | i2t | 1.0 |" in text
+    assert "illumination" not in text  # off: nothing to declare
+    lit = dict(fake, augmentations={**fake["augmentations"], "illum_p": 0.5, "illum_amp_max": 1.0})
+    assert "illumination field blended in at amplitude up to 1.0 (on 50% of the images) has the form of " \
+           "ImageNet-C's fog below its severity 1" in render_card(lit, "m.pt")
 
 
 def test_piece_dropout_never_empties_a_word():

@@ -137,6 +137,12 @@ def _overlap_line(card: dict) -> str:
     typo_txt = (f"typo_p = {aug.get('typo_p')} misspells words with {'one random edit' if edits == 1 else f'1–{edits} random edits'} "
                 "(our own generic insert / delete / substitute / swap, not the benchmark's nlpaug keyboard / OCR models, "
                 "which change about 30 % of a chosen word's characters)")
+    illum = float(aug.get("illum_amp_max", 0.0)) if float(aug.get("illum_p", 0.0)) > 0 else 0.0
+    if illum > 0:
+        typo_txt += (f"; a smooth grey illumination field blended in at amplitude up to {illum} "
+                     f"(on {float(aug['illum_p']):.0%} of the images) has the form of ImageNet-C's fog "
+                     f"{'below' if illum < 1.5 else 'at or above'} its severity 1 (a = 1.5) and lowers contrast as "
+                     "its contrast corruption does")
     return (f"- Overlap with the benchmark, stated plainly: {noise_txt}; {typo_txt}. The benchmark's corruption "
             "functions themselves, its held-out caption styles and its rendering domains are never used in training.")
 
