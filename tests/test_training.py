@@ -218,3 +218,30 @@ def test_zeroing_unseen_pieces_keeps_known_words_and_silences_unseen_ngrams():
     assert (model.text.pieces.weight[list(new_pieces)] == 0).all()
     with pytest.raises(ValueError, match="bool tensor"):
         zero_unseen_pieces(model, seen[:10])
+
+
+def test_mlp_norm_fine_tune_inserts_trains_and_saves_the_norms(tmp_path, monkeypatch):
+    small_val = world.generate_world(seed=99, n_images=16)
+    monkeypatch.setattr(world, "load_split", lambda name: small_val)
+    mc = WorldModelConfig(image_width=32, image_depth=1, text_width=32, text_depth=1, heads=2, embed_dim=16,
+                          stem_channels=(8, 16))
+    WorldDualEncoder(mc).save(tmp_path / "start.pt", half=False)
+    cfg = TrainConfig(steps=2, batch_size=8, pool_size=256, eval_every=2, warmup=1, lr=1e-2, workers=1,
+                      init_from=str(tmp_path / "start.pt"), train_towers="image", mlp_norm=True)
+    logs = []
+    model, rec = train_world_model(cfg, out=tmp_path / "mn.pt", progress=False, log=logs.append)
+    assert any("inserted mid-MLP LayerNorms" in line for line in logs)
+    assert rec["model_config"]["image_mlp_norm"] is True
+    ln = model.visual.blocks[0].ln_mlp
+    assert ln is not None and ln.weight.requires_grad
+    back = WorldDualEncoder.load(tmp_path / "mn.pt")
+    assert back.cfg.image_mlp_norm
+    torch.testing.assert_close(back.visual.blocks[0].ln_mlp.weight, ln.weight.detach(), atol=2e-3, rtol=0)
+    with pytest.raises(ValueError, match="image tower trained"):
+        train_world_model(TrainConfig(steps=1, batch_size=8, pool_size=256, eval_every=1, warmup=1, workers=1,
+                                      init_from=str(tmp_path / "start.pt"), train_towers="text", mlp_norm=True),
+                          progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="cannot remove"):
+        train_world_model(TrainConfig(steps=1, batch_size=8, pool_size=256, eval_every=1, warmup=1, workers=1,
+                                      init_from=str(tmp_path / "mn.pt"), train_towers="image", mlp_norm=False),
+                          progress=False, log=lambda _: None)

@@ -121,3 +121,53 @@ def test_stem_norm_adds_adaptable_channel_layernorms_and_keeps_old_checkpoints_l
     assert back.cfg.stem_norm
     split = world.generate_world(seed=1, n_images=2)
     torch.testing.assert_close(back.encode_image(split.images()), normed.encode_image(split.images()))
+
+
+def test_mlp_norm_adds_adaptable_layernorms_and_old_checkpoints_load_without_them(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    normed = WorldDualEncoder(replace(tiny_model.cfg, image_mlp_norm=True)).eval()
+    names = {n for n, _ in WorldRetrievalModel(normed, query_modality="image").adaptable_parameters()}
+    old = {n for n, _ in WorldRetrievalModel(tiny_model, query_modality="image").adaptable_parameters()}
+    assert names - old == {"visual.blocks.0.ln_mlp.weight", "visual.blocks.0.ln_mlp.bias"}
+    assert normed.visual.blocks[0].ln_mlp.normalized_shape == (tiny_model.cfg.mlp_ratio * 32,)
+    assert all(blk.ln_mlp is None for blk in normed.text.blocks)  # image tower only
+    # parameter names of the other weights are unchanged, so a v6.1-style state dict loads into it
+    missing, unexpected = normed.load_state_dict(tiny_model.state_dict(), strict=False)
+    assert set(missing) == {"visual.blocks.0.ln_mlp.weight", "visual.blocks.0.ln_mlp.bias"} and not unexpected
+    # the norm is on the forward path: changing its bias changes the embedding
+    x = torch.randn(2, 3, 96, 96)
+    before = normed.encode_image(x)
+    with torch.no_grad():
+        normed.visual.blocks[0].ln_mlp.bias += 0.5
+    assert not torch.allclose(before, normed.encode_image(x))
+    path = tmp_path / "m.pt"
+    normed.save(path, card={}, half=False)
+    back = WorldDualEncoder.load(path)
+    assert back.cfg.image_mlp_norm
+    torch.testing.assert_close(back.encode_image(x), normed.encode_image(x))
+    tiny_model.save(tmp_path / "old.pt", card={}, half=False)
+    assert not WorldDualEncoder.load(tmp_path / "old.pt").cfg.image_mlp_norm
+
+
+def test_inserted_mlp_norms_are_fitted_to_keep_the_trained_function(tiny_model):
+    import copy
+    from dataclasses import replace
+
+    from qshift.models.world_model import insert_image_mlp_norms
+
+    torch.manual_seed(1)
+    images = torch.randn(64, 3, 96, 96)
+    held_out = torch.randn(16, 3, 96, 96)
+    ref = tiny_model.encode_image(held_out)
+    fitted = copy.deepcopy(tiny_model)
+    insert_image_mlp_norms(fitted, images)
+    assert fitted.cfg.image_mlp_norm and fitted.visual.blocks[0].ln_mlp is not None
+    # a default-initialised norm (γ = 1, β = 0) for comparison
+    plain = WorldDualEncoder(replace(tiny_model.cfg, image_mlp_norm=True)).eval()
+    plain.load_state_dict(tiny_model.state_dict(), strict=False)
+    err_fitted = (fitted.encode_image(held_out) - ref).norm(dim=-1).mean()
+    err_plain = (plain.encode_image(held_out) - ref).norm(dim=-1).mean()
+    assert err_fitted < 0.5 * err_plain
+    with pytest.raises(ValueError, match="already has"):
+        insert_image_mlp_norms(fitted, images)

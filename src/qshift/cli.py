@@ -542,6 +542,11 @@ def train_world_model_cmd(
                                                       "channel LayerNorm after each stride-2 stem convolution, so "
                                                       "LayerNorm-only adaptation reaches low-level features "
                                                       "(default on, as v6; v3: off).")] = None,
+    mlp_norm: Annotated[Optional[bool], typer.Option("--mlp-norm/--no-mlp-norm", help="A LayerNorm on each image "
+                                                     "block's MLP hidden activations (NormFormer), more "
+                                                     "LayerNorm parameters for adaptation (default off, as "
+                                                     "v6.1). With --init-from, --mlp-norm inserts them into a "
+                                                     "checkpoint without them.")] = None,
     zero_unseen_pieces: Annotated[Optional[bool], typer.Option(
         "--zero-unseen-pieces/--keep-unseen-pieces", help="From scratch: after training, zero the embeddings of "
         "n-gram buckets no training word used, so an unseen n-gram (a typo's) adds nothing to its word "
@@ -561,7 +566,7 @@ def train_world_model_cmd(
                                    "train_towers": train_towers, "noise_p": noise_p,
                                    "standardise_input": standardise, "render_size": render_size,
                                    "noise_std_max": noise_std_max, "stem_norm": stem_norm,
-                                   "illum_p": illum_p, "illum_amp_max": illum_amp_max,
+                                   "illum_p": illum_p, "illum_amp_max": illum_amp_max, "mlp_norm": mlp_norm,
                                    "zero_unseen_pieces": zero_unseen_pieces}.items() if v is not None}
     cfg = replace(cfg, **overrides)
     if (cfg.illum_p > 0) != (cfg.illum_amp_max > 0):
@@ -577,6 +582,7 @@ def train_world_model_cmd(
     card_path = write_model_card(model, record, out, command="qshift train-world-model " + " ".join(
         [f"--seed {seed}"] + [("--standardise" if v else "--no-standardise") if k == "standardise_input"
                               else ("--stem-norm" if v else "--no-stem-norm") if k == "stem_norm"
+                              else ("--mlp-norm" if v else "--no-mlp-norm") if k == "mlp_norm"
                               else ("--zero-unseen-pieces" if v else "--keep-unseen-pieces")
                               if k == "zero_unseen_pieces"
                               else f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()]))

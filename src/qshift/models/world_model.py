@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,9 @@ class WorldModelConfig:
     # so LayerNorm-only adaptation can re-weight low-level filters; False reproduces v1-v3
     stem_norm: bool = False
     stem_channels: tuple[int, int] = (32, 64)
+    # a LayerNorm on the hidden activations of each image block's MLP (NormFormer's mid-MLP norm), so
+    # LayerNorm-only adaptation can re-weight and re-centre those features; False reproduces v1-v6.1
+    image_mlp_norm: bool = False
     patch: int = 3  # stride of the last stem conv, after two stride-2 convs: tokens = (size/4/patch)^2
     image_width: int = 128
     image_depth: int = 6
@@ -52,9 +55,10 @@ class WorldModelConfig:
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block (``ln_1`` → attention, ``ln_2`` → MLP), as in CLIP."""
+    """Pre-LN transformer block (``ln_1`` → attention, ``ln_2`` → MLP), as in CLIP; with ``mlp_norm`` a
+    LayerNorm ``ln_mlp`` also normalises the MLP's hidden activations (NormFormer)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int, mlp_norm: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.ln_1 = nn.LayerNorm(width)
@@ -62,6 +66,8 @@ class Block(nn.Module):
         self.proj = nn.Linear(width, width)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+        # a separate attribute (not inside ``mlp``) so the parameter names of checkpoints without it are unchanged
+        self.ln_mlp = nn.LayerNorm(mlp_ratio * width) if mlp_norm else None
 
     def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
         B, L, W = x.shape
@@ -69,7 +75,9 @@ class Block(nn.Module):
         mask = None if key_padding is None else (~key_padding)[:, None, None, :]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.proj(a.transpose(1, 2).reshape(B, L, W))
-        return x + self.mlp(self.ln_2(x))
+        if self.ln_mlp is None:
+            return x + self.mlp(self.ln_2(x))
+        return x + self.mlp[2](self.ln_mlp(self.mlp[1](self.mlp[0](self.ln_2(x)))))
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -107,7 +115,8 @@ class ImageTower(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, w))
         self.pos = nn.Parameter(torch.randn(1, grid * grid + 1, w) * 0.02)
         self.ln_pre = nn.LayerNorm(w)
-        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.image_depth))
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, cfg.image_mlp_norm)
+                                    for _ in range(cfg.image_depth))
         self.ln_post = nn.LayerNorm(w)
         self.head = nn.Linear(w, cfg.embed_dim, bias=False)
 
@@ -228,6 +237,35 @@ class WorldDualEncoder(nn.Module):
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
         model.card = payload.get("card", {})
         return model.eval()
+
+
+@torch.no_grad()
+def insert_image_mlp_norms(model: WorldDualEncoder, images: torch.Tensor) -> None:
+    """Give a trained image tower without them the mid-MLP LayerNorms of ``image_mlp_norm``, in place.
+
+    Each new norm starts as the per-channel least-squares fit of the hidden activations it replaces,
+    h_c ≈ γ_c·LN(h)_c + β_c, on ``images`` (normalised float [N, 3, S, S]), one block at a time so each
+    fit sees the previous blocks' new norms; the tower then computes nearly what it did, and a
+    fine-tune starts from there rather than from a broken network."""
+    if model.cfg.image_mlp_norm:
+        raise ValueError("this model's image tower already has mid-MLP LayerNorms")
+    was_training = model.training
+    model.eval()
+    for blk in model.visual.blocks:
+        captured = []
+        hook = blk.mlp[1].register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        model.visual(images)
+        hook.remove()
+        h = captured[0].reshape(-1, captured[0].shape[-1]).double()
+        ln = nn.LayerNorm(h.shape[-1])
+        n = F.layer_norm(h, (h.shape[-1],), eps=ln.eps)
+        nc, hc = n - n.mean(0), h - h.mean(0)
+        gamma = (nc * hc).mean(0) / nc.pow(2).mean(0).clamp(min=1e-12)
+        ln.weight.copy_(gamma.float())
+        ln.bias.copy_((h.mean(0) - gamma * n.mean(0)).float())
+        blk.ln_mlp = ln.to(blk.mlp[0].weight.device)
+    model.cfg = replace(model.cfg, image_mlp_norm=True)
+    model.train(was_training)
 
 
 def gaussian_blur(x: torch.Tensor, kernel_1d: torch.Tensor) -> torch.Tensor:

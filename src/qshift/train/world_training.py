@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from qshift.data import world
-from qshift.models.world_model import WorldDualEncoder, WorldModelConfig, normalise_pixels
+from qshift.models.world_model import WorldDualEncoder, WorldModelConfig, insert_image_mlp_norms, normalise_pixels
 from qshift.retrieval.metrics import retrieval_metrics
 
 AUGMENTATIONS = {
@@ -86,6 +86,10 @@ class TrainConfig:
     # from scratch: channel LayerNorms in the image stem (WorldModelConfig.stem_norm); a fine-tune
     # (init_from) keeps its checkpoint's architecture
     stem_norm: bool = True
+    # mid-MLP LayerNorms in the image blocks (WorldModelConfig.image_mlp_norm). From scratch: the
+    # architecture; with init_from, True inserts them into a checkpoint without them
+    # (insert_image_mlp_norms, fitted on clean training scenes); None keeps the default / checkpoint's
+    mlp_norm: bool | None = None
     # from scratch: after training, zero the embedding rows of n-gram buckets that no training word (nor
     # any of its typo variants) ever used, so an n-gram the model never saw (e.g. a test-time typo's)
     # adds nothing to its word instead of an untrained random vector; clean captions are unaffected
@@ -430,7 +434,8 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
         parent = None
         if cfg.train_towers != "both":
             raise ValueError("training a single tower needs init_from (the other tower must come from somewhere)")
-        model = WorldDualEncoder(model_cfg or WorldModelConfig(stem_norm=cfg.stem_norm))
+        model = WorldDualEncoder(model_cfg or WorldModelConfig(stem_norm=cfg.stem_norm,
+                                                               image_mlp_norm=bool(cfg.mlp_norm)))
     if cfg.standardise_input is not None:
         model.cfg = replace(model.cfg, standardise_input=bool(cfg.standardise_input))
         model.visual.standardise_input = bool(cfg.standardise_input)
@@ -442,6 +447,14 @@ def train_world_model(cfg: TrainConfig, model_cfg: WorldModelConfig | None = Non
     pool = build_pool(cfg, progress=progress)
     t_pool = time.time() - t0
     log(f"pool: {len(pool.images)} scenes, vocab {len(pool.vocab)} words, rendered in {t_pool:.0f}s")
+    if cfg.init_from is not None and cfg.mlp_norm is not None and cfg.mlp_norm != model.cfg.image_mlp_norm:
+        if not cfg.mlp_norm:
+            raise ValueError("the checkpoint has mid-MLP LayerNorms; a fine-tune cannot remove them")
+        if cfg.train_towers == "text":
+            raise ValueError("inserting image mid-MLP LayerNorms needs the image tower trained (--train-towers "
+                             "image or both)")
+        insert_image_mlp_norms(model, model.preprocess_images(pool.images[:512]))
+        log("inserted mid-MLP LayerNorms into the image blocks (fitted on 512 clean training scenes)")
     table = typo_table(model, pool.vocab, cfg.typo_variants, cfg.seed, cfg.typo_max_edits)
     val = world.load_split("val")
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
