@@ -85,6 +85,9 @@ def test_tiny_training_run_learns_and_records(tmp_path, monkeypatch):
     lit = dict(fake, augmentations={**fake["augmentations"], "illum_p": 0.5, "illum_amp_max": 1.0})
     assert "illumination field blended in at amplitude up to 1.0 (on 50% of the images) has the form of " \
            "ImageNet-C's fog below its severity 1" in render_card(lit, "m.pt")
+    assert "ln_mlp" not in text
+    normed = dict(fake, model_config={**fake["model_config"], "image_mlp_norm": True})
+    assert "a LayerNorm `ln_mlp` on each MLP's hidden activations" in render_card(normed, "m.pt")
 
 
 def test_piece_dropout_never_empties_a_word():

@@ -82,7 +82,9 @@ def render_card(card: dict, weights_name: str) -> str:
         + ("a channel LayerNorm after each stride-2 convolution" if mc.get("stem_norm") else "no normalisation")
         + f") → {mc['image_size']} px input as "
         f"{(mc['image_size'] // 4 // mc['patch']) ** 2} tokens + CLS → `ln_pre` → {mc['image_depth']} pre-LN blocks "
-        f"(width {mc['image_width']}, {mc['heads']} heads) → `ln_post` → linear to {mc['embed_dim']}-d.",
+        f"(width {mc['image_width']}, {mc['heads']} heads"
+        + (", a LayerNorm `ln_mlp` on each MLP's hidden activations (NormFormer)" if mc.get("image_mlp_norm") else "")
+        + f") → `ln_post` → linear to {mc['embed_dim']}-d.",
         f"- Text tower: each word is the mean of its hashed character n-gram embeddings (n = "
         f"{mc['tokenizer']['ngram_sizes']}, {mc['tokenizer']['n_buckets']} buckets; typo-tolerant) → "
         f"{mc['text_depth']} pre-LN blocks (width {mc['text_width']}) → `ln_final` on CLS → linear to {mc['embed_dim']}-d."
