@@ -183,6 +183,30 @@ def test_oracle_needs_labels(setup):
     assert scores.shape == (4, len(split.captions))
 
 
+
+def test_oracle_negatives_gallery_or_batch_on_a_hand_built_case(setup):
+    rm, g, split = setup
+    ids = torch.as_tensor(split.caption_image)
+    labels = torch.tensor([0, 1])
+    sims = torch.randn(2, len(ids), generator=torch.Generator().manual_seed(0))
+    t = 0.05
+    full = create("oracle", rm, g, gallery_ids=ids, temperature=t).loss(None, sims, 0, labels).loss
+    batch = create("oracle", rm, g, gallery_ids=ids, temperature=t, negatives="batch").loss(None, sims, 0, labels).loss
+
+    def nll(cols):  # -log of the softmax mass on each query's own items, over the columns kept
+        logp = torch.log_softmax(sims[:, cols] / t, dim=1)
+        own = ids[cols][None, :] == labels[:, None]
+        return -torch.stack([torch.logsumexp(logp[i][own[i]], 0) for i in range(2)]).mean()
+
+    torch.testing.assert_close(full, nll(torch.arange(len(ids))))
+    in_batch = ((ids == 0) | (ids == 1)).nonzero().flatten()
+    assert len(in_batch) == 10  # five captions each
+    torch.testing.assert_close(batch, nll(in_batch))
+    assert batch < full  # fewer negatives, less to push away
+    with pytest.raises(ValueError, match="negatives"):
+        create("oracle", rm, g, gallery_ids=ids, negatives="queue")
+
+
 def test_sar_resets_when_its_loss_ema_collapses(setup):
     rm, g, split = setup
     m = create("sar", rm, g, lr=1e-2, reset_below=1e9)  # any loss counts as collapsed
