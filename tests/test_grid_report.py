@@ -38,6 +38,10 @@ def test_grid_spec_validation(tmp_path):
         G.GridSpec(methods=["tent"], benchmarks=["world-zz/*"]).expanded_benchmarks()
     with pytest.raises(ValueError, match="unknown method"):
         G.plan(G.GridSpec(methods=["magic"], benchmarks=["world-clean/i2t"]))
+    with pytest.raises(ValueError, match="unknown option"):
+        G.plan(G.GridSpec(methods=[{"name": "rest", "options": {"lamda_u": 1.0}}], benchmarks=["world-clean/i2t"]))
+    with pytest.raises(ValueError, match="expects a number"):
+        G.plan(G.GridSpec(methods=[{"name": "rest", "options": {"lambda_u": "1.0x"}}], benchmarks=["world-clean/i2t"]))
     with pytest.raises(ValueError, match="unique"):
         G.plan(G.GridSpec(methods=["tent", "tent"], benchmarks=["world-clean/i2t"]))
     bad = tmp_path / "g.yaml"

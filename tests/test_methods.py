@@ -30,6 +30,14 @@ def test_registry_lists_methods_and_rejects_bad_options(setup):
         create("tcr", rm, g, lambda_zz=1)
     with pytest.raises(ValueError, match="scoring"):
         create("tent", rm, g, scoring="later")
+    # option values of the wrong type fail at once, naming the option
+    with pytest.raises(ValueError, match="'lambda_u' of method 'rest' expects a number"):
+        create("rest", rm, g, lambda_u="abc")
+    with pytest.raises(ValueError, match="'decoupling' of method 'rest' expects true or false"):
+        create("rest", rm, g, decoupling=3)
+    with pytest.raises(ValueError, match="'queue_batches' .* expects an integer"):
+        create("tcr", rm, g, queue_batches=2.5)
+    create("rest", rm, g, lambda_u=1)  # an integer for a float option is fine
 
 
 @pytest.mark.parametrize("name", ["tent", "tcr", "rest"])
@@ -353,3 +361,13 @@ def test_rest_adam_preconditioning_runs_and_needs_adamw(setup):
     assert m._metric() is not None and all((w > 0).all() for w in m._metric())
     with pytest.raises(ValueError, match="adamw"):
         create("rest", rm, g, precondition="adam", optimizer="sgd")
+
+
+@pytest.mark.parametrize("bad, match", [({"steps": 2.5}, "steps must be an integer"), ({"lr": "abc"}, "lr must be a number"),
+                                        ({"seed": "x"}, "seed must be an integer"), ({"batch_size": 0}, "positive"),
+                                        ({"steps": 0}, "at least 1"), ({"lr": -1.0}, "non-negative"),
+                                        ({"reset": "sometimes"}, "reset")])
+def test_run_config_rejects_bad_protocol_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**bad).validate()
+    RunConfig(lr=1e-3, steps=1, batch_size=1).validate()

@@ -46,6 +46,23 @@ class RunConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for key, check, kind in (("batch_size", is_int, "an integer"), ("steps", is_int, "an integer"),
+                                 ("seed", is_int, "an integer"), ("weight_decay", is_num, "a number"),
+                                 ("lr", lambda v: v is None or is_num(v), "a number")):
+            if not check(getattr(self, key)):
+                raise ValueError(f"{key} must be {kind}, got {getattr(self, key)!r}")
+        if self.lr is not None and self.lr < 0:
+            raise ValueError(f"lr must be non-negative, got {self.lr}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not isinstance(self.scoring, str):
+            raise ValueError(f"scoring must be a string, got {self.scoring!r}")
         if self.reset not in RESETS:
             raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
         if self.batch_size <= 0:

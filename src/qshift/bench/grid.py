@@ -79,10 +79,19 @@ class GridSpec(BaseModel):
     def validate_methods(self) -> None:
         from qshift.methods import available_methods
 
+        from qshift.methods.base import _REGISTRY, check_option_types
+
         known = set(available_methods())
         for m in self.methods:
             if m.name not in known:
                 raise ValueError(f"unknown method {m.name!r} in grid; available: {', '.join(sorted(known))}")
+            # fail before the first cell, not hours into a grid
+            allowed = set(_REGISTRY[m.name].option_names()) | set(PROTOCOL_KEYS) | {"optimizer", "momentum"}
+            unknown = set(m.options) - allowed
+            if unknown:
+                raise ValueError(f"unknown option(s) {sorted(unknown)} for method {m.name!r} ({m.key!r}) in grid; "
+                                 f"known: {sorted(allowed)}")
+            check_option_types(m.name, {k: v for k, v in m.options.items() if k not in PROTOCOL_KEYS})
         labels = [m.key for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"method labels must be unique, got {labels}")

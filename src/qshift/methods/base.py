@@ -64,6 +64,29 @@ def resolved_options(name: str, options: dict[str, Any] | None = None) -> dict[s
     return out
 
 
+def check_option_types(name: str, options: dict[str, Any]) -> None:
+    """Reject an option value whose type cannot be what its ``setup`` default is (a string for a
+    number, a number for a switch), with the option's name, so a typo in ``--set`` or a grid file
+    fails at once instead of deep inside a loss."""
+    defaults = resolved_options(name) if name in _REGISTRY else {}
+    for key, value in options.items():
+        if key not in defaults or defaults[key] is None or value is None:
+            continue
+        d = defaults[key]
+        if isinstance(d, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(d, int):
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(d, float):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(d, str):
+            ok, kind = isinstance(value, str), "a string"
+        else:
+            continue
+        if not ok:
+            raise ValueError(f"option {key!r} of method {name!r} expects {kind} (default {d!r}), got {value!r}")
+
+
 @dataclass
 class StepOutput:
     """What a method's ``loss`` returns for one inner step."""
@@ -94,6 +117,7 @@ class Method:
         if unknown:
             raise ValueError(f"unknown option(s) for method {self.name!r}: {sorted(unknown)}; "
                              f"known: {sorted(self.option_names())}")
+        check_option_types(self.name, options)
         self.model = model
         self.gallery = gallery.detach()
         self.gallery_ids = None if gallery_ids is None else torch.as_tensor(gallery_ids)
