@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from qshift.cli import app
@@ -74,3 +75,20 @@ def test_set_values_parse_like_numbers_and_yaml():
     assert _parse_value("1e-3") == 0.001 and isinstance(_parse_value("3"), int)
     assert _parse_value("true") is True and _parse_value("mutual") == "mutual" and _parse_value("[1, 2]") == [1, 2]
     assert _parse_value("off") == "off" and _parse_value("no") == "no" and _parse_value("None") is None
+
+
+def test_entry_point_turns_bad_input_into_one_error_line(tmp_path, monkeypatch, capsys):
+    from qshift.cli import main
+
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    monkeypatch.setattr("sys.argv", ["qshift", "eval", "--weights", str(bad)])
+    monkeypatch.delenv("QSHIFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    out = capsys.readouterr().err
+    assert "error:" in out and "not a readable qshift world model checkpoint" in out and "Traceback" not in out
+    monkeypatch.setenv("QSHIFT_DEBUG", "1")
+    with pytest.raises(ValueError, match="not a readable"):
+        main()

@@ -589,5 +589,23 @@ def train_world_model_cmd(
     console.print(f"weights: {out}\nmodel card: {card_path}")
 
 
+def main() -> None:
+    """The ``qshift`` entry point: bad input that a command did not catch itself (a malformed weights
+    file, a wrong option) ends with one ``error:`` line and exit status 2 instead of a traceback;
+    ``QSHIFT_DEBUG=1`` shows the traceback."""
+    import os
+    import sys
+
+    try:
+        app()
+    except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
+        if os.environ.get("QSHIFT_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        err.print(f"[red]error:[/red] {type(e).__name__ + ': ' if isinstance(e, (TypeError, KeyError)) else ''}{msg}"
+                  " (QSHIFT_DEBUG=1 shows where)", markup=True, highlight=False)
+        sys.exit(2)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

@@ -228,7 +228,14 @@ class WorldDualEncoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"world model weights not found: {path}")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated file, another format, a pickle with code in it
+            raise ValueError(f"{path} is not a readable qshift world model checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        if not isinstance(payload, dict) or not {"config", "state_dict"} <= set(payload):
+            raise ValueError(f"{path} is not a qshift world model checkpoint (expected the keys 'config' and "
+                             f"'state_dict', as `qshift train-world-model` writes)")
         cfg = dict(payload["config"])
         cfg["stem_channels"] = tuple(cfg["stem_channels"])
         cfg.setdefault("prefilter_sigma", 0.0)  # weights saved before the prefilter existed
@@ -303,8 +310,9 @@ def load_world_model(path: str | Path | None = None) -> WorldDualEncoder:
     """The shipped source model (or the one saved at ``path``), in eval mode, on CPU."""
     p = Path(path) if path is not None else shipped_weights_path()
     if not p.is_file():
-        raise FileNotFoundError(
-            f"world model weights not found at {p}; reinstall qshift or run `qshift train-world-model`")
+        hint = ("the shipped weights are missing: reinstall qshift" if path is None
+                else "check the path, or make weights with `qshift train-world-model --out FILE`")
+        raise FileNotFoundError(f"world model weights not found at {p}; {hint}")
     return WorldDualEncoder.load(p)
 
 
