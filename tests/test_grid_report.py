@@ -181,6 +181,14 @@ def test_library_api_adapts_retrieves_and_resumes(tiny_model, tmp_path):
         qshift.Adapter(model, torch.ones(4, 16), gallery_is_embedded=True)
     with pytest.raises(ValueError, match="direction"):
         qshift.load_model("world", direction="x2y")
+    with pytest.raises(ValueError, match="gallery is empty"):
+        qshift.Adapter(model, [], method="tcr")
+    for bad_k in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            ad2.retrieve(images[16:24], k=bad_k)
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            ad2.search(images[16:24], k=bad_k)
+    assert ad2.search(images[:2], k=10_000)[0].shape == (2, len(split.captions))  # capped at the gallery
 
 
 def test_a_cell_run_with_other_method_defaults_is_stale(tmp_path):

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -371,3 +372,58 @@ def test_run_config_rejects_bad_protocol_values(bad, match):
     with pytest.raises(ValueError, match=match):
         RunConfig(**bad).validate()
     RunConfig(lr=1e-3, steps=1, batch_size=1).validate()
+
+
+ADAPTING = ["tent", "eta", "sar", "shot-im", "read", "deyo", "tcr", "rest", "oracle"]
+
+
+def _fresh(tiny_model, name, split, gallery, **kw):
+    return create(name, WorldRetrievalModel(tiny_model, "image"), gallery, lr=1e-2,
+                  gallery_ids=torch.as_tensor(split.caption_image), **kw)
+
+
+@pytest.mark.parametrize("name", ADAPTING)
+def test_a_failing_batch_is_rolled_back_and_the_stream_goes_on_as_if_it_never_came(setup, tiny_model, name):
+    rm, g, split = setup
+    imgs = tiny_model.preprocess_images(split.images())
+    ids = torch.arange(24)
+    source = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+
+    def stream(poison: bool):
+        tiny_model.load_state_dict(source)
+        m = _fresh(tiny_model, name, split, g)
+        out = [m.adapt_batch(imgs[:8], labels=ids[:8])[0]]
+        if poison:
+            before = m.state_dict()
+            bad = imgs[8:16].clone()
+            bad[0, 0, 0, 0] = float("nan")
+            with pytest.raises(FloatingPointError, match="non-finite"):
+                m.adapt_batch(bad, labels=ids[8:16])
+            after = m.state_dict()
+            assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+            assert after["batches_seen"] == before["batches_seen"] == 1
+        out.append(m.adapt_batch(imgs[16:24], labels=ids[16:24])[0])
+        return out
+
+    clean, poisoned = stream(False), stream(True)
+    tiny_model.load_state_dict(source)
+    for a, b in zip(clean, poisoned):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ADAPTING)
+def test_saved_state_resumes_the_stream_exactly(setup, tiny_model, name):
+    rm, g, split = setup
+    imgs = tiny_model.preprocess_images(split.images())
+    ids = torch.arange(24)
+    source = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    m = _fresh(tiny_model, name, split, g)
+    for k in range(2):
+        m.adapt_batch(imgs[8 * k: 8 * k + 8], labels=ids[8 * k: 8 * k + 8])
+    state = copy.deepcopy(m.state_dict())
+    go_on = m.adapt_batch(imgs[16:], labels=ids[16:])[0]
+    tiny_model.load_state_dict(source)
+    resumed = _fresh(tiny_model, name, split, g)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed.adapt_batch(imgs[16:], labels=ids[16:])[0], go_on, rtol=0, atol=0)
+    tiny_model.load_state_dict(source)

@@ -87,6 +87,8 @@ class Adapter:
     def __init__(self, model: RetrievalModel, gallery: Any, method: str = "rest", *,
                  gallery_ids: Any = None, gallery_is_embedded: bool = False, batch_size: int = 256,
                  **config: Any) -> None:
+        if len(gallery) == 0:
+            raise ValueError("the gallery is empty: pass the gallery items (captions, images, …) to retrieve from")
         if gallery_is_embedded:
             emb = torch.as_tensor(gallery, dtype=torch.float32)
             if emb.ndim != 2:
@@ -113,6 +115,7 @@ class Adapter:
 
     def retrieve(self, queries: Any, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapt on the batch, then return the top-``k`` gallery ids [B, k] and their scores."""
+        _check_k(k)
         scores = self.adapt(queries)
         k = min(k, scores.shape[1])
         top = scores.topk(k, dim=1)
@@ -120,6 +123,7 @@ class Adapter:
 
     def search(self, queries: Any, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank the gallery with the current parameters, without adapting."""
+        _check_k(k)
         scores = self.method.scores(queries)
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         return self.gallery_ids[top.indices], top.values
@@ -157,3 +161,9 @@ class Adapter:
         if payload["config"] != self.config:
             raise ValueError(f"{path}: method config differs: saved {payload['config']}, now {self.config}")
         self.method.load_state_dict(payload["state"])
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer (results per query; more than the gallery holds returns "
+                         f"the whole gallery), got {k!r}")

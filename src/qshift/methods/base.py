@@ -8,6 +8,7 @@ REST, ``gradients``).  Protocol concerns — streams, resets at domain boundarie
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections.abc import Callable
@@ -178,29 +179,61 @@ class Method:
         if not self.adapts:
             scores = self.scores(items)
         else:
-            self.on_batch_start(items)
-            for step in range(self.steps):
-                z = self.model.encode_query(items)
-                sims = z @ self.gallery.T
-                if (self.scoring == "pre" and step == 0) or (self.scoring == "tcr" and step == self.steps - 1):
-                    scores = sims.detach()
-                out = self.loss(z, sims, step, labels)
-                if out.loss is not None and not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"{self.name}: non-finite loss at batch {self.batches_seen}, step {step}")
-                logs = dict(out.logs)
-                if out.loss is not None:
-                    grads, glogs = self.gradients(out)
-                    logs.update(glogs)
-                    for p, g in zip(self.params, grads):
-                        p.grad = g.detach()
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    logs["loss"] = float(out.loss.detach())
-                record["steps"].append(logs)
-            if self.scoring == "post":
-                scores = self.scores(items)
+            # a batch is all or nothing: if it fails (bad input, a non-finite loss), the parameters,
+            # optimizer and method state are put back as they were, so one bad batch in a live
+            # stream does not poison the batches after it
+            snapshot = self._snapshot()
+            try:
+                scores, record = self._adapt_steps(items, labels, record)
+            except BaseException:
+                self._restore(snapshot)
+                raise
         self.batches_seen += 1
         record["seconds"] = time.perf_counter() - t0
+        return scores, record
+
+    def _snapshot(self) -> dict:
+        return {"params": [p.detach().clone() for p in self.params],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+                "extra": copy.deepcopy(self.extra_state())}
+
+    @torch.no_grad()
+    def _restore(self, snapshot: dict) -> None:
+        for p, v in zip(self.params, snapshot["params"]):
+            p.copy_(v)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(snapshot["optimizer"])
+        self.load_extra_state(snapshot["extra"])
+
+    def _adapt_steps(self, items: Any, labels: torch.Tensor | None, record: dict) -> tuple[torch.Tensor, dict]:
+        """The inner steps of one batch (``adapt_batch`` rolls them back if they raise)."""
+        scores = None
+        self.on_batch_start(items)
+        for step in range(self.steps):
+            z = self.model.encode_query(items)
+            if step == 0 and not bool(torch.isfinite(z).all()):
+                raise FloatingPointError(f"{self.name}: non-finite query embeddings at batch {self.batches_seen} "
+                                         "(NaN or inf in the input?); the batch was not used and the method's "
+                                         "state is unchanged")
+            sims = z @ self.gallery.T
+            if (self.scoring == "pre" and step == 0) or (self.scoring == "tcr" and step == self.steps - 1):
+                scores = sims.detach()
+            out = self.loss(z, sims, step, labels)
+            if out.loss is not None and not torch.isfinite(out.loss):
+                raise FloatingPointError(f"{self.name}: non-finite loss at batch {self.batches_seen}, step {step}; "
+                                         "the batch's updates were rolled back")
+            logs = dict(out.logs)
+            if out.loss is not None:
+                grads, glogs = self.gradients(out)
+                logs.update(glogs)
+                for p, g in zip(self.params, grads):
+                    p.grad = g.detach()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                logs["loss"] = float(out.loss.detach())
+            record["steps"].append(logs)
+        if self.scoring == "post":
+            scores = self.scores(items)
         return scores, record
 
     @torch.no_grad()

@@ -107,6 +107,13 @@ class DeYO(Method):
         self.gen = torch.Generator().manual_seed(seed)
         self._shuffled_z: torch.Tensor | None = None
 
+    def extra_state(self) -> dict:
+        return {"generator": self.gen.get_state()}  # the patch shuffles to come
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.gen.set_state(state["generator"])
+
     def on_batch_start(self, items) -> None:
         with torch.no_grad():
             self._shuffled_z = self.model.encode_query(shuffle_queries(items, self.grid, self.gen)).detach()

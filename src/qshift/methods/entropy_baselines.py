@@ -36,6 +36,13 @@ class ETA(Method):
         if fisher_items is not None:
             self.fisher = self._fisher(fisher_items)
 
+    def extra_state(self) -> dict:
+        return {"mean_probs": self.mean_probs}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.mean_probs = state["mean_probs"]
+
     def _fisher(self, items) -> list[torch.Tensor]:
         """Diagonal Fisher of the entropy loss on clean queries (EATA's anti-forgetting weights)."""
         z = self.model.encode_query(items)
@@ -115,6 +122,13 @@ class SAR(Method):
 
     def on_batch_start(self, items) -> None:
         self._items = items
+
+    def extra_state(self) -> dict:
+        return {"loss_ema": self.loss_ema, "resets": self.resets}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.loss_ema, self.resets = state["loss_ema"], state["resets"]
 
     def _selected_loss(self, z, keep=None):
         h = softmax_entropy(z @ self.gallery.T / self.temperature)
