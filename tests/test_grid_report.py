@@ -50,6 +50,14 @@ def test_grid_spec_validation(tmp_path):
         G.load_grid(bad)
     with pytest.raises(FileNotFoundError):
         G.load_grid(tmp_path / "missing.yaml")
+    # PyYAML reads 1e-3 (no dot) as a string: the grid loader reads it as the number meant
+    sci = tmp_path / "sci.yaml"
+    sci.write_text("methods: [{name: tent, label: t, options: {lr: 1e-3}}, {name: rest, options: {lambda_a: 5E-1}}]\n"
+                   "benchmarks: [world-c/i2t/fog/5]\nprotocol: {lr: 3e-4}\n")
+    sci_spec, _ = G.load_grid(sci)
+    assert sci_spec.methods[0].options["lr"] == 1e-3 and sci_spec.methods[1].options["lambda_a"] == 0.5
+    assert sci_spec.protocol["lr"] == 3e-4 and sci_spec.benchmarks == ["world-c/i2t/fog/5"]
+    G.plan(sci_spec)
     # presets resolve, and the README preset restricts the diverse streams to source / tcr / rest
     spec, only = G.preset("world-readme")
     cells = G.plan(spec, only)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -173,7 +174,7 @@ def load_grid(path: str | Path) -> tuple[GridSpec, dict[str, list[str]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _exponent_floats(yaml.safe_load(path.read_text()) or {})
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a grid file must be a mapping with 'methods' and 'benchmarks'")
     only = raw.pop("only", {}) or {}
@@ -181,6 +182,20 @@ def load_grid(path: str | Path) -> tuple[GridSpec, dict[str, list[str]]]:
         return GridSpec(**raw), only
     except Exception as e:  # pydantic's message names the field at fault
         raise ValueError(f"{path}: invalid grid: {e}") from e
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _exponent_floats(obj: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` — a number without a dot — as a string; read it as the float meant."""
+    if isinstance(obj, dict):
+        return {k: _exponent_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_exponent_floats(v) for v in obj]
+    if isinstance(obj, str) and _EXPONENT_FLOAT.fullmatch(obj.strip()):
+        return float(obj)
+    return obj
 
 
 def cell_path(out: Path, benchmark: str, label: str, seed: int) -> Path:
