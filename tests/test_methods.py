@@ -377,17 +377,23 @@ def test_run_config_rejects_bad_protocol_values(bad, match):
 ADAPTING = ["tent", "eta", "sar", "shot-im", "read", "deyo", "tcr", "rest", "oracle"]
 
 
+@pytest.fixture
+def stream_parts(setup, tiny_model):
+    """24 preprocessed queries of the setup split, their ids, and the source weights (restored after)."""
+    _, g, split = setup
+    source = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    yield split, g, tiny_model.preprocess_images(split.images()), torch.arange(24), source
+    tiny_model.load_state_dict(source)
+
+
 def _fresh(tiny_model, name, split, gallery, **kw):
     return create(name, WorldRetrievalModel(tiny_model, "image"), gallery, lr=1e-2,
                   gallery_ids=torch.as_tensor(split.caption_image), **kw)
 
 
 @pytest.mark.parametrize("name", ADAPTING)
-def test_a_failing_batch_is_rolled_back_and_the_stream_goes_on_as_if_it_never_came(setup, tiny_model, name):
-    rm, g, split = setup
-    imgs = tiny_model.preprocess_images(split.images())
-    ids = torch.arange(24)
-    source = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+def test_a_failing_batch_is_rolled_back_and_the_stream_goes_on_as_if_it_never_came(stream_parts, tiny_model, name):
+    split, g, imgs, ids, source = stream_parts
 
     def stream(poison: bool):
         tiny_model.load_state_dict(source)
@@ -412,11 +418,8 @@ def test_a_failing_batch_is_rolled_back_and_the_stream_goes_on_as_if_it_never_ca
 
 
 @pytest.mark.parametrize("name", ADAPTING)
-def test_saved_state_resumes_the_stream_exactly(setup, tiny_model, name):
-    rm, g, split = setup
-    imgs = tiny_model.preprocess_images(split.images())
-    ids = torch.arange(24)
-    source = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+def test_saved_state_resumes_the_stream_exactly(stream_parts, tiny_model, name):
+    split, g, imgs, ids, source = stream_parts
     m = _fresh(tiny_model, name, split, g)
     for k in range(2):
         m.adapt_batch(imgs[8 * k: 8 * k + 8], labels=ids[8 * k: 8 * k + 8])
