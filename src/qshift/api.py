@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from qshift.atomic import atomic_path
 from qshift.methods import create
 from qshift.methods.base import Method
 from qshift.models.protocol import RetrievalModel
@@ -137,14 +137,11 @@ class Adapter:
 
     def save_state(self, path: str | Path) -> Path:
         """Save the adaptation state (adapted parameters, optimizer, queue, counters) atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": STATE_FORMAT, "method": self.method_name, "config": self.config,
                    "gallery": self._gallery_fingerprint(), "state": self.method.state_dict()}
-        tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
-        return path
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        return Path(path)
 
     def load_state(self, path: str | Path) -> None:
         """Resume from :meth:`save_state`; the method, its config and the gallery must match."""

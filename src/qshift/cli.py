@@ -39,7 +39,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+def app_options(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                           help="Print the version and exit.")] = None) -> None:
     """qshift: REST, TCR and test-time adaptation baselines for cross-modal retrieval."""
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import qshift
+from qshift.atomic import write_text_atomic
 from qshift.methods import create
 from qshift.methods.base import resolved_options
 from qshift.models.protocol import RetrievalModel
@@ -92,12 +93,7 @@ class RunResult:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (no half-written result files)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.as_json(), indent=1, default=_jsonable))
-        tmp.replace(path)
-        return path
+        return write_text_atomic(path, json.dumps(self.as_json(), indent=1, default=_jsonable))
 
 
 def _jsonable(x):

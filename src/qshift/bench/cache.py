@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from qshift.atomic import atomic_path, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -44,11 +46,9 @@ def cached_array(spec: dict[str, Any], make: Callable[[], np.ndarray]) -> np.nda
     out = make()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, out, allow_pickle=False)
-        tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps(spec, sort_keys=True, indent=1))
+        write_text_atomic(path.with_suffix(".json"), json.dumps(spec, sort_keys=True, indent=1))
     except OSError as e:
         log.warning("could not write cache entry %s: %s", path, e)
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import re
 import time
 import traceback
@@ -20,6 +19,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
+
+from qshift.atomic import write_text_atomic
 
 PROTOCOL_KEYS = ("batch_size", "steps", "lr", "weight_decay", "scoring", "reset")
 BASELINES = ("source", "tent", "eta", "sar", "shot-im", "read", "deyo", "tcr", "rest")
@@ -258,10 +259,7 @@ def _expected_options(m: "MethodSpec") -> dict[str, Any]:
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None = None, progress: bool = True,

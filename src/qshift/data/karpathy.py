@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qshift.atomic import atomic_path
+
 DATASETS = {"coco": "coco_karpathy_test.json", "flickr": "flickr30k_test.json"}
 CAPTIONS_PER_IMAGE = {"coco": 5, "flickr": None}
 _MARKS = re.compile(r"[.!\"()*#:;~]")
@@ -228,13 +230,12 @@ def materialize(ds: ImageTextDataset, data_root: str | Path, annotation: str | P
         for i, src in enumerate(ds.image_paths):
             target = dest / src.relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
             im = Image.fromarray(images[i])
-            if target.suffix.lower() == ".png":
-                im.save(tmp, format="PNG")
-            else:
-                im.save(tmp, format="JPEG", quality=95)
-            tmp.replace(target)
+            with atomic_path(target) as tmp:
+                if target.suffix.lower() == ".png":
+                    im.save(tmp, format="PNG")
+                else:
+                    im.save(tmp, format="JPEG", quality=95)
             n += 1
             bar.update()
     bar.close()

@@ -201,7 +201,6 @@ class REST(TCR):
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
         if state:
-            import numpy as np
             self._memory = [m if isinstance(m, str) else (m.numpy() if m.dtype == torch.uint8 else m)
                             for m in state.get("memory", [])]
 

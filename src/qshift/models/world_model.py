@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qshift.atomic import atomic_path
 from qshift.models.protocol import layernorm_affine_parameters
 from qshift.models.tokenizer import NgramTokenizer
 
@@ -218,10 +219,8 @@ class WorldDualEncoder(nn.Module):
         cfg = asdict(self.cfg)
         # the card goes through JSON so that the file loads with ``weights_only=True``
         payload = {"config": cfg, "state_dict": state, "card": json.loads(json.dumps(card or {}, default=str))}
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(payload, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> "WorldDualEncoder":

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qshift.atomic import save_figure_atomic
 from qshift.data import world
 from qshift.shifts.image import CORRUPTIONS, SEVERITIES, corrupt_image
 from qshift.shifts.text import LEVELS, TEXT_PERTURBATIONS, perturb_text
@@ -49,12 +50,8 @@ def draw_image_preview(out: str | Path, image_index: int = 0, seed: int = 0) -> 
     fig.suptitle(f"Image corruptions (imagecorruptions-imaug) on test image {image_index}, seed {seed}\n"
                  f"\u201c{caption}\u201d", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.965))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    out = save_figure_atomic(fig, out, dpi=90)
     plt.close(fig)
-    tmp.replace(out)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from qshift.atomic import write_text_atomic
 from qshift.bench.evaluate import evaluate_world_split
 from qshift.data import world
 from qshift.models.world_model import WorldDualEncoder
@@ -29,7 +30,7 @@ def write_model_card(model: WorldDualEncoder, record: dict, weights_path: str | 
                         "sha256": test.fingerprint()}
     model.save(weights_path, card=card)
     md = weights_path.with_suffix(".md")
-    md.write_text(render_card(card, weights_path.name))
+    write_text_atomic(md, render_card(card, weights_path.name))
     return md
 
 
