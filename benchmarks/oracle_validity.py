@@ -1,7 +1,7 @@
 """Benchmark validity: can LayerNorm-only adaptation recover recall when it is given the labels?
 
     python benchmarks/oracle_validity.py [--severity 5] [--corruptions a,b,...] [--weights FILE.pt]
-        [--temperature 0.01] [--negatives gallery|batch] [--after-stream] [--out results/oracle_validity.json]
+        [--temperature 0.01] [--negatives gallery|batch] [--after-stream] [--lr 3e-4] [--out results/oracle_validity.json]
 
 Runs `source` and the supervised `oracle` (METHOD.md §6; it uses labels, so it is an upper bound,
 never a competitor) online over each image corruption (i2t, 2,000-image test set) and prints online
@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=None, help="a candidate model (default: the shipped one)")
     ap.add_argument("--temperature", type=float, default=None,
                     help="the oracle's gallery-softmax temperature (default: the method's, 0.01 as METHOD.md §6)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="the learning rate of both runs (default: the protocol's, 3e-4). A diagnostic of how much "
+                         "the step budget limits: the gate itself is defined at the protocol's rate")
     ap.add_argument("--negatives", choices=("gallery", "batch"), default=None,
                     help="the oracle's InfoNCE negatives: the whole gallery (default) or the batch's true items")
     ap.add_argument("--after-stream", action="store_true",
@@ -54,7 +57,7 @@ def main() -> None:
             before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
             opts = {k: v for k, v in (("temperature", args.temperature), ("negatives", args.negatives))
                     if method == "oracle" and v is not None}
-            cfg = RunConfig(method=method, seed=args.seed, method_options=opts)
+            cfg = RunConfig(method=method, seed=args.seed, lr=args.lr, method_options=opts)
             r[method] = run_online(model, task, cfg, progress=False).metrics["R@1"]
         if args.after_stream:
             r["oracle_after_stream"] = after_stream_r1(model, task)
@@ -73,6 +76,7 @@ def main() -> None:
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"severity": args.severity, "seed": args.seed, "R@1": rows, "mean_gain": gain,
                                "oracle_temperature": args.temperature, "oracle_negatives": args.negatives,
+                               "lr": args.lr,
                                "weights": str(args.weights or "shipped"), "model": model_identity(args.weights),
                                "environment": environment(), "seconds": round(time.time() - t0, 1)}, indent=1))
     tmp.replace(args.out)
