@@ -92,3 +92,17 @@ def test_entry_point_turns_bad_input_into_one_error_line(tmp_path, monkeypatch, 
     monkeypatch.setenv("QSHIFT_DEBUG", "1")
     with pytest.raises(ValueError, match="not a readable"):
         main()
+
+
+def test_entry_point_reports_a_non_finite_run_and_keeps_brackets(monkeypatch, capsys):
+    import qshift.cli as cli
+
+    def boom():
+        raise FloatingPointError("rest[lambda_a=1]: non-finite loss at batch 3, step 0")
+
+    monkeypatch.setattr(cli, "app", boom)
+    monkeypatch.delenv("QSHIFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    assert "FloatingPointError: rest[lambda_a=1]: non-finite loss at batch 3" in capsys.readouterr().err

@@ -591,19 +591,21 @@ def train_world_model_cmd(
 
 def main() -> None:
     """The ``qshift`` entry point: bad input that a command did not catch itself (a malformed weights
-    file, a wrong option) ends with one ``error:`` line and exit status 2 instead of a traceback;
-    ``QSHIFT_DEBUG=1`` shows the traceback."""
+    file, a wrong option) or a run that went non-finite ends with one ``error:`` line and exit status 2
+    instead of a traceback; ``QSHIFT_DEBUG=1`` shows the traceback."""
     import os
     import sys
 
+    from rich.markup import escape
+
     try:
         app()
-    except (ValueError, FileNotFoundError, TypeError, KeyError) as e:
+    except (ValueError, FileNotFoundError, TypeError, KeyError, FloatingPointError) as e:
         if os.environ.get("QSHIFT_DEBUG"):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        err.print(f"[red]error:[/red] {type(e).__name__ + ': ' if isinstance(e, (TypeError, KeyError)) else ''}{msg}"
-                  " (QSHIFT_DEBUG=1 shows where)", markup=True, highlight=False)
+        kind = f"{type(e).__name__}: " if isinstance(e, (TypeError, KeyError, FloatingPointError)) else ""
+        err.print(f"[red]error:[/red] {escape(kind + str(msg))} (QSHIFT_DEBUG=1 shows where)", highlight=False)
         sys.exit(2)
 
 
