@@ -106,3 +106,10 @@ def test_entry_point_reports_a_non_finite_run_and_keeps_brackets(monkeypatch, ca
         cli.main()
     assert exit_info.value.code == 2
     assert "FloatingPointError: rest[lambda_a=1]: non-finite loss at batch 3" in capsys.readouterr().err
+
+
+def test_error_lines_keep_square_brackets(capsys):
+    from qshift.cli import _error
+
+    _error("unknown option(s) for rest[lambda_a=1]: ['x']")
+    assert "rest[lambda_a=1]: ['x']" in capsys.readouterr().err

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.markup import escape
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import qshift
@@ -18,6 +18,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Online test-time adaptation for cross-modal retrieval under query shift.")
 console = Console()
 err = Console(stderr=True)
+
+
+def _error(message: object) -> None:
+    """One ``error:`` line on stderr; the message is escaped, so ``rest[lambda_a=1]`` is not read as markup."""
+    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
 
 
 class Direction(str, Enum):
@@ -94,7 +99,7 @@ def eval_cmd(
                                                preprocess, shift_seed, not as_json)
                 row, _ = evaluate_task(rmodel, task, batch_size=batch_size, progress=not as_json)
             except (ValueError, FileNotFoundError, TypeError) as e:
-                err.print(f"[red]error:[/red] {e}")
+                _error(e)
                 raise typer.Exit(2)
             rows.append(row)
             if as_json:
@@ -105,7 +110,7 @@ def eval_cmd(
     try:
         world_model = load_world_model(weights)
     except FileNotFoundError as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(e)
         raise typer.Exit(2)
     if benchmark:
         rows = []
@@ -113,7 +118,7 @@ def eval_cmd(
             try:
                 task = build_benchmark(name, shift_seed=shift_seed, progress=not as_json)
             except ValueError as e:
-                err.print(f"[red]error:[/red] {e}")
+                _error(e)
                 raise typer.Exit(2)
             row, per_domain = evaluate_task(world_model, task, batch_size=batch_size, progress=not as_json)
             rows.append(row)
@@ -217,7 +222,7 @@ def run_cmd(
     cfg = RunConfig(method=method)
     for item in set_ or []:
         if "=" not in item:
-            err.print(f"[red]error:[/red] --set expects key=value, got {item!r}")
+            _error(f"--set expects key=value, got {item!r}")
             raise typer.Exit(2)
         key, value = item.split("=", 1)
         if key in protocol:
@@ -229,7 +234,7 @@ def run_cmd(
                                        dataset, data_root, annotation, device, preprocess, shift_seed, not as_json)
         result = run_online(rmodel, task, cfg, progress=not as_json)
     except (ValueError, FileNotFoundError, TypeError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(e)
         raise typer.Exit(2)
     if out is not None:
         name = f"{benchmark.replace('/', '__')}__{method}__seed{cfg.seed}.json"
@@ -278,7 +283,7 @@ def diagnose_cmd(
         task, rmodel = _task_and_model(benchmark, model, Path(weights) if weights and model == "world" else weights,
                                        dataset, data_root, annotation, device, preprocess, 0, not as_json)
     except (ValueError, FileNotFoundError, TypeError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(e)
         raise typer.Exit(2)
     result = diagnose_task(rmodel, task)
     if as_json:
@@ -345,7 +350,7 @@ def bench_cmd(
             spec.max_queries = max_queries
         cells = G.plan(spec, only)
     except (ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(e)
         raise typer.Exit(2)
     if dry_run:
         model_id = G.model_identity(spec.weights)
@@ -375,7 +380,7 @@ def report_cmd(
     try:
         rep = write_report(folder, out)
     except (ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(e)
         raise typer.Exit(2)
     _print_tables(rep["tables"])
     if rep["stale"]:
@@ -407,10 +412,10 @@ def restamp_cmd(
     try:
         res = G.restamp_cells(folder, pattern, verify=verify, seed=seed, from_sha=from_sha, log=console.print)
     except (ValueError, RuntimeError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(e)
         raise typer.Exit(2)
     if res.get("mismatch"):
-        err.print(f"[red]not restamped:[/red] {res['mismatch']} differs with the current model; rerun with `qshift bench`")
+        err.print(f"[red]not restamped:[/red] {escape(str(res['mismatch']))} differs with the current model; rerun with `qshift bench`")
         raise typer.Exit(1)
     console.print(f"{res['restamped']} of {res['candidates']} stale cell(s) matching {', '.join(pattern)} restamped "
                   f"(verified by {len(res['verified_by'])} rerun(s))")
@@ -485,7 +490,7 @@ def shifts_materialize(
         n = materialize(ds, data_root, ann, out, corruption or list(CORRUPTIONS), severity or [1, 2, 3, 4, 5], seed,
                         layout=layout)
     except (ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/red] {e}")
+        _error(e)
         raise typer.Exit(2)
     where = "<corruption>/<severity>/ (each a drop-in --data-root)" if layout == "qshift" else "TCR's *-IP/ image roots"
     console.print(f"wrote {n} images under {out}/{where}")
@@ -595,8 +600,6 @@ def main() -> None:
     instead of a traceback; ``QSHIFT_DEBUG=1`` shows the traceback."""
     import os
     import sys
-
-    from rich.markup import escape
 
     try:
         app()
