@@ -96,6 +96,19 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     p.write_text(json.dumps(cell))
     third = G.run_grid(spec, out, progress=False, log=lambda m: None)
     assert third["stale"] == 1 and third["done"] == 1 and third["skipped"] == 5
+    # so does a protocol that changed since: a grid-wide knob reruns every cell, a row's own lr that row
+    assert G.run_grid(spec, out, progress=False, log=lambda m: None)["skipped"] == 6
+    steps2 = spec.model_copy(update={"protocol": {"batch_size": 16, "steps": 2}})
+    assert all(not G._finished(G.cell_path(out, b, m.key, 0), G._expected_options(m), None,
+                               G._expected_protocol(steps2, m)) for b, m, _ in G.plan(steps2))
+    slower = spec.model_copy(update={"methods": [*spec.methods[:3], G.MethodSpec(name="tent", label="tent-fast",
+                                                                                 options={"lr": 0.02})]})
+    fourth = G.run_grid(slower, out, progress=False, log=lambda m: None)
+    assert fourth["stale"] == 2 and fourth["done"] == 2 and fourth["skipped"] == 4
+    assert json.loads(p.read_text())["config"]["lr"] == 0.02
+    fewer = spec.model_copy(update={"max_queries": 16})
+    assert not G._finished(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0), None, None,
+                           G._expected_protocol(fewer, spec.methods[1]))
 
 
 def test_report_tables_plots_and_readme_block(small_world, tmp_path):

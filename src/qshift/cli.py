@@ -355,7 +355,8 @@ def bench_cmd(
     if dry_run:
         model_id = G.model_identity(spec.weights)
         for bench, m, seed in cells:
-            done = "done" if G._finished(G.cell_path(out, bench, m.key, seed), G._expected_options(m), model_id) else "todo"
+            done = "done" if G._finished(G.cell_path(out, bench, m.key, seed), G._expected_options(m), model_id,
+                                         G._expected_protocol(spec, m)) else "todo"
             typer.echo(f"{done}\t{m.key}\t{bench}\tseed{seed}")
         return
     t0 = time.time()

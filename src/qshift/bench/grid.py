@@ -234,11 +234,13 @@ def model_identity(weights: str | Path | None) -> dict[str, Any]:
             "render_size": world.RENDER_SIZE, **world.world_variant()}
 
 
-def _finished(path: Path, expected: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> bool:
+def _finished(path: Path, expected: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+              protocol: dict[str, Any] | None = None) -> bool:
     """A cell is finished when its JSON holds metrics, was made with the same world model and world
     (``model``: a cell without that record predates it and is stale), and — where it recorded them —
     the method options it resolved to are the ones this code would use now (a changed default makes
-    the cell stale)."""
+    the cell stale) and the protocol it ran under is the grid's now (``protocol``, from
+    ``_expected_protocol``: a grid whose lr, steps, … or query subsample changed reruns its cells)."""
     try:
         payload = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -250,7 +252,30 @@ def _finished(path: Path, expected: dict[str, Any] | None = None, model: dict[st
     stored = payload.get("config", {}).get("method_resolved")
     if expected is not None and stored is not None and json.loads(json.dumps(stored)) != json.loads(json.dumps(expected)):
         return False
+    if protocol is not None:
+        config = payload.get("config", {})
+        # None (lr: the query modality's default) is resolved by the engine, which records the value used
+        if any(v is not None and k in config and config[k] != v for k, v in protocol["config"].items()):
+            return False
+        if any(k in payload and payload[k] != protocol[k] for k in ("max_queries", "grid_shift_seed")):
+            return False
     return True
+
+
+def _protocol_of(spec: "GridSpec", m: "MethodSpec") -> dict[str, Any]:
+    """The protocol knobs a cell of method row ``m`` runs with: the grid's, then the row's own overrides."""
+    return {**spec.protocol, **{k: v for k, v in m.options.items() if k in PROTOCOL_KEYS}}
+
+
+def _expected_protocol(spec: "GridSpec", m: "MethodSpec") -> dict[str, Any]:
+    """What a finished cell of ``m`` must have recorded of its protocol (RunConfig defaults filled in)."""
+    from dataclasses import fields
+
+    from qshift.engine import RunConfig
+
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.name in PROTOCOL_KEYS}
+    return {"config": {**defaults, **_protocol_of(spec, m)}, "max_queries": spec.max_queries,
+            "grid_shift_seed": spec.shift_seed}
 
 
 def _expected_options(m: "MethodSpec") -> dict[str, Any]:
@@ -280,12 +305,13 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
     model_id = model_identity(spec.weights)
     for c in cells:
         p = cell_path(out, c[0], c[1].key, c[2])
-        if not _finished(p, _expected_options(c[1]), model_id):
+        if not _finished(p, _expected_options(c[1]), model_id, _expected_protocol(spec, c[1])):
             todo.append(c)
             stale += p.is_file() and _finished(p)
     counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "done": 0, "failed": 0, "stale": stale}
     if stale:
-        log(f"{stale} finished cell(s) ran with another world model or other method defaults; rerunning them")
+        log(f"{stale} finished cell(s) ran with another world model, other method defaults or another protocol; "
+            "rerunning them")
     if counts["skipped"]:
         log(f"resuming: {counts['skipped']} of {len(cells)} cells already finished")
     encoder = load_world_model(spec.weights)
@@ -311,10 +337,9 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
             gkey = (task.direction, items_fingerprint(task.gallery))
             if gkey not in gallery_cache:
                 gallery_cache[gkey] = encode_batched(model.encode_gallery, task.gallery, 256)
-            opts = dict(m.options)
             # a method row may override protocol knobs (e.g. its own lr)
-            protocol = {**spec.protocol, **{k: opts.pop(k) for k in list(opts) if k in PROTOCOL_KEYS}}
-            cfg = RunConfig(method=m.name, seed=seed, method_options=opts, **protocol)
+            opts = {k: v for k, v in m.options.items() if k not in PROTOCOL_KEYS}
+            cfg = RunConfig(method=m.name, seed=seed, method_options=opts, **_protocol_of(spec, m))
             result = run_online(model, task, cfg, progress=False, gallery_embeddings=gallery_cache[gkey])
             payload = result.as_json()
             payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "max_queries": spec.max_queries,
