@@ -113,3 +113,14 @@ def test_error_lines_keep_square_brackets(capsys):
 
     _error("unknown option(s) for rest[lambda_a=1]: ['x']")
     assert "rest[lambda_a=1]: ['x']" in capsys.readouterr().err
+
+
+def test_bench_protocol_override_is_validated_and_applied(tmp_path):
+    bad = runner.invoke(app, ["bench", "--preset", "demo", "--out", str(tmp_path), "--protocol", "lr=abc", "--dry-run"])
+    assert bad.exit_code == 2 and "lr must be a number" in bad.output
+    unknown = runner.invoke(app, ["bench", "--preset", "demo", "--out", str(tmp_path), "--protocol", "lrr=1",
+                                  "--dry-run"])
+    assert unknown.exit_code == 2 and "--protocol expects key=value" in unknown.output
+    ok = runner.invoke(app, ["bench", "--preset", "demo", "--out", str(tmp_path), "--protocol", "lr=1e-3",
+                             "--protocol", "steps=1", "--dry-run"])
+    assert ok.exit_code == 0 and ok.output.count("todo\t") == 20

@@ -334,6 +334,9 @@ def bench_cmd(
     seeds: Annotated[Optional[str], typer.Option(help="Override the seeds, e.g. 0,1,2.")] = None,
     max_queries: Annotated[Optional[int], typer.Option(min=1, help="Subsample each benchmark's queries.")] = None,
     dry_run: Annotated[bool, typer.Option(help="List the cells and exit.")] = False,
+    protocol: Annotated[Optional[list[str]], typer.Option(
+        "--protocol", help="Override a protocol knob of every cell: key=value (repeatable; batch_size, steps, lr, "
+                           "weight_decay, scoring, reset). Cells made under another protocol are rerun.")] = None,
 ) -> None:
     """Run a grid of methods × benchmarks × seeds; finished cells are skipped, failures recorded."""
     from qshift.bench import grid as G
@@ -348,6 +351,15 @@ def bench_cmd(
             spec.seeds = [int(x) for x in seeds.split(",")]
         if max_queries is not None:
             spec.max_queries = max_queries
+        if protocol:
+            overrides = {}
+            for item in protocol:
+                key, sep, value = item.partition("=")
+                if not sep or key not in G.PROTOCOL_KEYS:
+                    raise ValueError(f"--protocol expects key=value with key one of {', '.join(G.PROTOCOL_KEYS)}; "
+                                     f"got {item!r}")
+                overrides[key] = _parse_value(value)
+            spec.protocol = {**spec.protocol, **overrides}
         cells = G.plan(spec, only)
     except (ValueError, FileNotFoundError) as e:
         _error(e)

@@ -94,6 +94,12 @@ class GridSpec(BaseModel):
                 raise ValueError(f"unknown option(s) {sorted(unknown)} for method {m.name!r} ({m.key!r}) in grid; "
                                  f"known: {sorted(allowed)}")
             check_option_types(m.name, {k: v for k, v in m.options.items() if k not in PROTOCOL_KEYS})
+            from qshift.engine import RunConfig
+
+            try:
+                RunConfig(method=m.name, **_protocol_of(self, m)).validate()
+            except ValueError as e:
+                raise ValueError(f"protocol of method row {m.key!r} in grid: {e}") from e
         labels = [m.key for m in self.methods]
         if len(set(labels)) != len(labels):
             raise ValueError(f"method labels must be unique, got {labels}")
