@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qshift.atomic import write_text_atomic
 from qshift.bench.grid import model_identity
 from qshift.bench.registry import build_benchmark
 from qshift.engine import RunConfig, environment, run_online
@@ -66,20 +67,26 @@ def main() -> None:
         r["oracle_max_abs_dtheta"] = float(moved.max()) if moved.numel() else 0.0
         r["oracle_mean_abs_dtheta"] = float(moved.mean()) if moved.numel() else 0.0
         rows[c] = r
+        save(args, rows, t0, complete=False)
         after = f"   after the stream {r['oracle_after_stream']:.1f}" if args.after_stream else ""
         print(f"{c:<18} {r['source']:>7.1f} {r['oracle']:>7.1f} {r['oracle'] - r['source']:>+6.1f}"
               f"   |Δθ| max {r['oracle_max_abs_dtheta']:.3f} mean {r['oracle_mean_abs_dtheta']:.3f}{after}", flush=True)
-    gain = sum(r["oracle"] - r["source"] for r in rows.values()) / len(rows)
+    gain = save(args, rows, t0, complete=True)
     print(f"mean gain of oracle over source: {gain:+.1f} R@1 points ({len(rows)} corruptions, "
           f"severity {args.severity}, {time.time() - t0:.0f}s)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"severity": args.severity, "seed": args.seed, "R@1": rows, "mean_gain": gain,
-                               "oracle_temperature": args.temperature, "oracle_negatives": args.negatives,
-                               "lr": args.lr,
-                               "weights": str(args.weights or "shipped"), "model": model_identity(args.weights),
-                               "environment": environment(), "seconds": round(time.time() - t0, 1)}, indent=1))
-    tmp.replace(args.out)
+
+
+def save(args, rows: dict, t0: float, complete: bool) -> float:
+    """Write the results so far (atomically; ``complete`` false while corruptions remain, so a run
+    stopped early keeps what it measured) and return the mean gain over them."""
+    gain = sum(r["oracle"] - r["source"] for r in rows.values()) / len(rows)
+    write_text_atomic(args.out, json.dumps({
+        "severity": args.severity, "seed": args.seed, "R@1": rows, "mean_gain": gain, "complete": complete,
+        "corruptions_asked": args.corruptions.split(","), "oracle_temperature": args.temperature,
+        "oracle_negatives": args.negatives, "lr": args.lr, "weights": str(args.weights or "shipped"),
+        "model": model_identity(args.weights), "environment": environment(),
+        "seconds": round(time.time() - t0, 1)}, indent=1))
+    return gain
 
 
 @torch.no_grad()
