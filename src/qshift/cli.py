@@ -396,13 +396,15 @@ def report_cmd(
         _error(e)
         raise typer.Exit(2)
     _print_tables(rep["tables"])
+    for line in rep["protocol"]:
+        console.print(line.replace("**", ""), markup=False, highlight=False)
     if rep["stale"]:
         err.print(f"[yellow]{rep['stale']} cell(s) made with another world model were left out; "
                   f"`qshift bench` reruns them[/yellow]")
     console.print(f"report: {rep['report']}\ntables: {len(rep['csv'])} CSV in {rep['report'].parent / 'tables'}\n"
                   f"plots: {len(rep['plots'])} PNG in {rep['report'].parent / 'plots'}")
     if readme is not None:
-        update_readme(readme, rep["tables"], f"qshift report {folder} --readme {readme}")
+        update_readme(readme, rep["tables"], f"qshift report {folder} --readme {readme}", rep["protocol"])
         console.print(f"updated the grid block of {readme}")
 
 

@@ -35,6 +35,7 @@ class Cell:
     forgetting: dict | None
     batches: list[dict]
     seconds: float
+    protocol: dict = field(default_factory=dict)  # the run's protocol knobs, as its result file recorded them
 
 
 @dataclass
@@ -98,8 +99,66 @@ def load_cells(out: str | Path, model: dict | None | str = "current", excluded: 
             continue
         cells.append(Cell(d["benchmark"], d.get("label") or d["config"]["method"], d["config"]["method"],
                           int(d["config"]["seed"]), d["metrics"], d.get("per_domain", {}), d.get("forgetting"),
-                          d.get("batches", []), float(d.get("seconds", 0.0))))
+                          d.get("batches", []), float(d.get("seconds", 0.0)), _cell_protocol(d)))
     return cells
+
+
+_QUERY_MODALITY = {"i2t": "image", "t2i": "text", "v2a": "video", "a2v": "audio", "cir": "image"}
+_KNOB_DEFAULTS = {"batch_size": 64, "steps": 3, "weight_decay": 1e-4, "scoring": "tcr", "reset": "never"}
+
+
+def _cell_protocol(d: dict) -> dict:
+    cfg = d.get("config", {})
+    out = {k: cfg[k] for k in (*_KNOB_DEFAULTS, "lr") if k in cfg}
+    out["direction"] = d.get("direction")
+    out["max_queries"] = d.get("max_queries")
+    return out
+
+
+def protocol_deviations(protocol: dict) -> dict:
+    """The knobs of a cell's recorded protocol that differ from METHOD.md §2's defaults."""
+    from qshift.engine import DEFAULT_LR
+
+    dev = {k: protocol[k] for k, v in _KNOB_DEFAULTS.items() if k in protocol and protocol[k] != v}
+    lr = protocol.get("lr")
+    default_lr = DEFAULT_LR.get(_QUERY_MODALITY.get(protocol.get("direction") or "", ""), 3e-4)
+    if lr is not None and not math.isclose(lr, default_lr, rel_tol=1e-9):
+        dev["lr"] = lr
+    return dev
+
+
+def _n_cells(n: int) -> str:
+    return f"{n} cell" if n == 1 else f"{n} cells"
+
+
+def protocol_notes(cells: list[Cell]) -> list[str]:
+    """Lines saying which protocol the cells ran under, so a table made under another learning rate,
+    step count, … (or with cut streams) can never pass for one made under METHOD.md §2."""
+    groups: dict[tuple, list[Cell]] = defaultdict(list)
+    for c in cells:
+        groups[tuple(sorted(protocol_deviations(c.protocol).items()))].append(c)
+    lines = []
+    if set(groups) == {()}:
+        lines.append("Protocol: METHOD.md §2 defaults in every cell (B = 64, 3 inner steps, AdamW at lr 3e-4, "
+                     "weight decay 1e-4, scoring `tcr`, reset `never`).")
+    else:
+        n_dev = sum(len(v) for k, v in groups.items() if k)
+        parts = []
+        for dev, group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            if not dev:
+                continue
+            labels = _order({c.label for c in group})
+            knobs = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in dev)
+            parts.append(f"{knobs} ({_n_cells(len(group))}: {', '.join(labels)})")
+        lines.append(f"**Protocol differs from METHOD.md §2 in {n_dev} of {len(cells)} cells**: " + "; ".join(parts)
+                     + (f". The other {_n_cells(len(groups[()]))} use its defaults." if () in groups else "."))
+    cut = defaultdict(int)
+    for c in cells:
+        if c.protocol.get("max_queries") is not None:
+            cut[c.protocol["max_queries"]] += 1
+    for n, k in sorted(cut.items()):
+        lines.append(f"Streams cut to their first {n:,} queries (a grid setting): {_n_cells(k)}.")
+    return lines
 
 
 def load_errors(out: str | Path) -> list[dict]:
@@ -466,6 +525,8 @@ def write_report(out: str | Path, report_dir: str | Path | None = None) -> dict:
     md = [f"# qshift report: {out}", "",
           f"{len(cells)} finished cells; {sum(c.seconds for c in cells) / 60:.1f} min of run time in all. "
           "Online metrics: every query scored once, when its batch arrived.", ""]
+    notes = protocol_notes(cells)
+    md += [" ".join(notes), ""]
     if stale:
         md += [f"**{len(stale)} cell(s) made with another world model are left out** (stale; "
                "`qshift bench` reruns them).", ""]
@@ -493,16 +554,17 @@ def write_report(out: str | Path, report_dir: str | Path | None = None) -> dict:
     md += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in pngs]
     report = rdir / "report.md"
     write_text_atomic(report, "\n".join(md) + "\n")
-    return {"report": report, "tables": tables, "csv": csvs, "plots": pngs, "stale": len(stale)}
+    return {"report": report, "tables": tables, "csv": csvs, "plots": pngs, "stale": len(stale), "protocol": notes}
 
 
-def update_readme(readme: str | Path, tables: list[Table], command: str) -> None:
-    """Replace the README's generated grid block (between the qshift-grid markers) with ``tables``."""
+def update_readme(readme: str | Path, tables: list[Table], command: str, notes: list[str] | None = None) -> None:
+    """Replace the README's generated grid block (between the qshift-grid markers) with ``tables``
+    (preceded by ``notes``, e.g. the protocol lines of ``protocol_notes``)."""
     readme = Path(readme)
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise ValueError(f"{readme}: markers {README_START} … {README_END} not found")
-    body = "\n\n".join(table_markdown(t) for t in tables)
+    body = "\n\n".join(([" ".join(notes)] if notes else []) + [table_markdown(t) for t in tables])
     block = f"{README_START}\n<!-- generated by: {command} (do not edit by hand) -->\n\n{body}\n\n{README_END}"
     a, b = text.index(README_START), text.index(README_END) + len(README_END)
     write_text_atomic(readme, text[:a] + block + text[b:])
