@@ -135,7 +135,7 @@ def test_report_tables_plots_and_readme_block(small_world, tmp_path):
     # the grid's protocol is not METHOD.md's, and the report says so before any table
     assert ("**Protocol differs from METHOD.md §2 in 9 of 9 cells**: batch_size = 16, steps = 1 "
             "(9 cells: source, tent, oracle)") in md.split("|")[0]
-    assert "Streams cut to their first 32 queries (a grid setting): 9 cells." in md
+    assert "Streams longer than 32 queries subsampled to 32, evenly over their domains" in md
     # the oracle is never bolded
     assert not any("**" in line for line in md.splitlines() if line.startswith("| oracle"))
     rows_csv = list(csv.reader(io.StringIO(rep["csv"][0].read_text())))
@@ -322,11 +322,14 @@ def test_report_says_which_protocol_its_cells_ran_under():
     assert protocol_deviations(_proto(lr=3.0000000001e-4)) == {}
     mixed = default + [_cell("world-c/i2t/fog/5", "tcr-lr1e-3", 0, 1.0, **_proto(lr=1e-3)),
                        _cell("world-c/i2t/snow/5", "tcr-lr1e-3", 0, 1.0, **_proto(lr=1e-3)),
-                       _cell("world-c/i2t/snow/5", "rest[pre]", 0, 1.0, **_proto(scoring="pre", max_queries=6000))]
+                       _cell("world-c/i2t/snow/5", "rest[pre]", 0, 1.0, **_proto(scoring="pre", max_queries=6000,
+                                                                                  n_queries=6000)),
+                       _cell("world-c/i2t/fog/5", "rest", 1, 1.0, **_proto(max_queries=6000, n_queries=2000))]
     notes = protocol_notes(mixed)
-    assert notes[0] == ("**Protocol differs from METHOD.md §2 in 3 of 5 cells**: lr = 0.001 (2 cells: tcr-lr1e-3); "
-                        "scoring = pre (1 cell: rest[pre]). The other 2 cells use its defaults.")
-    assert notes[1] == "Streams cut to their first 6,000 queries (a grid setting): 1 cell."
+    assert notes[0] == ("**Protocol differs from METHOD.md §2 in 3 of 6 cells**: lr = 0.001 (2 cells: tcr-lr1e-3); "
+                        "scoring = pre (1 cell: rest[pre]). The other 3 cells use its defaults.")
+    assert notes[1] == ("Streams longer than 6,000 queries subsampled to 6,000, evenly over their domains (a grid "
+                        "setting): 1 cell.")  # the 2,000-query stream under the same cap is scored whole
 
 
 def test_summary_family_means_seed_spread_and_change_against_source():

@@ -112,6 +112,7 @@ def _cell_protocol(d: dict) -> dict:
     out = {k: cfg[k] for k in (*_KNOB_DEFAULTS, "lr") if k in cfg}
     out["direction"] = d.get("direction")
     out["max_queries"] = d.get("max_queries")
+    out["n_queries"] = d.get("n_queries")
     return out
 
 
@@ -154,10 +155,13 @@ def protocol_notes(cells: list[Cell]) -> list[str]:
                      + (f". The other {_n_cells(len(groups[()]))} use its defaults." if () in groups else "."))
     cut = defaultdict(int)
     for c in cells:
-        if c.protocol.get("max_queries") is not None:
-            cut[c.protocol["max_queries"]] += 1
-    for n, k in sorted(cut.items()):
-        lines.append(f"Streams cut to their first {n:,} queries (a grid setting): {_n_cells(k)}.")
+        m, n = c.protocol.get("max_queries"), c.protocol.get("n_queries")
+        # a stream shorter than the cap is scored whole; one at the cap (less rounding over its domains) was cut
+        if m is not None and (n is None or n > m - max(len(c.per_domain), 1)):
+            cut[m] += 1
+    for m, k in sorted(cut.items()):
+        lines.append(f"Streams longer than {m:,} queries subsampled to {m:,}, evenly over their domains (a grid "
+                     f"setting): {_n_cells(k)}.")
     return lines
 
 
