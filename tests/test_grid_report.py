@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from qshift.bench import grid as G
-from qshift.bench.report import (README_END, README_START, Cell, build_summary, build_tables, load_cells,
+from qshift.bench.report import (README_END, README_START, Cell, _order, build_summary, build_tables, load_cells,
                                  protocol_deviations, protocol_notes, table_markdown, update_readme,
                                  write_report)
 from qshift.cli import app
@@ -328,6 +328,9 @@ def test_report_says_which_protocol_its_cells_ran_under():
     notes = protocol_notes(mixed)
     assert notes[0] == ("**Protocol differs from METHOD.md §2 in 3 of 6 cells**: lr = 0.001 (2 cells: tcr-lr1e-3); "
                         "scoring = pre (1 cell: rest[pre]). The other 3 cells use its defaults.")
+    # suffixed labels sort with their method, not alphabetically after every named method
+    assert _order(["zzz", "tcr-lr1e-3", "deyo-lr1e-3", "rest", "shot-im-lr1e-3", "source", "rest[x]"]) == \
+        ["source", "shot-im-lr1e-3", "deyo-lr1e-3", "tcr-lr1e-3", "rest", "rest[x]", "zzz"]
     assert notes[1] == ("Streams longer than 6,000 queries subsampled to 6,000, evenly over their domains (a grid "
                         "setting): 1 cell.")  # the 2,000-query stream under the same cap is scored whole
 

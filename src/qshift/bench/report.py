@@ -171,8 +171,10 @@ def load_errors(out: str | Path) -> list[dict]:
 
 def _order(labels) -> list[str]:
     def key(lbl):
-        base = lbl.split("[")[0]
-        return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), lbl)
+        # a label is its method's name, maybe with a suffix: "rest[lambda_a=1]", "tcr-lr1e-3"
+        base = max((m for m in METHOD_ORDER if lbl == m or (lbl.startswith(m) and not lbl[len(m)].isalnum())),
+                   key=len, default=None)
+        return (METHOD_ORDER.index(base) if base is not None else len(METHOD_ORDER), lbl)
     return sorted(labels, key=key)
 
 
