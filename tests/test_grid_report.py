@@ -356,3 +356,39 @@ def test_summary_family_means_seed_spread_and_change_against_source():
     md = table_markdown(delta)
     assert "| rest | **+3.0** | +11.0 | – |" in md and "| tent | -10.0 | – | – |" in md
     assert build_summary([c for c in cells if c.benchmark.endswith("/5")]) == []  # one family: no summary
+
+
+def _write_cell(out, bench, label, seed, r1, n, lr=3e-4, clean_delta=None):
+    G._atomic_json(G.cell_path(out, bench, label, seed), {
+        "benchmark": bench, "label": label, "direction": "i2t", "n_queries": n, "max_queries": None,
+        "config": {"method": label.split("-lr")[0], "seed": seed, "lr": lr, "batch_size": 64, "steps": 3,
+                   "weight_decay": 1e-4, "scoring": "tcr", "reset": "never"},
+        "metrics": {"R@1": r1}, "forgetting": None if clean_delta is None else {"clean_delta_R@1": clean_delta}})
+
+
+def test_compare_grids_matches_cells_and_skips_unequal_streams(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_grids.py"
+    spec = importlib.util.spec_from_file_location("compare_grids", path)
+    cg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cg)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for bench, r1a, r1b in (("world-c/i2t/fog/5", 10.0, 14.0), ("world-c/i2t/snow/5", 20.0, 21.0)):
+        _write_cell(a, bench, "tcr", 0, r1a, 2000)
+        _write_cell(b, bench, "tcr-lr1e-3", 0, r1b, 2000, lr=1e-3)
+    _write_cell(a, "world-c/i2t/zoom_blur/5", "tcr", 0, 5.0, 2000)  # only in A: not in the means
+    _write_cell(a, "world-diverse/i2t/mix8/order0", "tcr", 0, 20.0, 6000, clean_delta=-3.0)
+    _write_cell(b, "world-diverse/i2t/mix8/order0", "tcr-lr1e-3", 0, 30.0, 8000, lr=1e-3, clean_delta=-1.0)
+    res = cg.compare(a, b)
+    r = res["rows"][("tcr", "Image corruptions, severity 5")]
+    assert r["a"] == [10.0, 20.0] and r["b"] == [14.0, 21.0]
+    assert ("tcr", "world-diverse/i2t/mix8") not in res["rows"]  # 6,000 vs 8,000 queries: not comparable
+    assert res["skipped"] == ["tcr on world-diverse/i2t/mix8/order0 seed 0: 6000 vs 8000 queries"]
+    assert res["only_a"] == 1 and res["only_b"] == 0
+    md = cg.to_markdown(res, "a", "b")
+    assert "| tcr | Image corruptions, severity 5 | 2 | 15.0 | 17.5 | +2.5 |  |  |" in md
+    assert "lr = 0.001" in md.splitlines()[1]
+    # by label nothing matches (tcr vs tcr-lr1e-3)
+    assert cg.compare(a, b, by="label")["rows"] == {}
