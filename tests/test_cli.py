@@ -65,6 +65,12 @@ def test_run_command_json_and_result_file(tmp_path, monkeypatch):
     rec = json.loads(saved[0].read_text())
     assert rec["config"]["batch_size"] == 16 and rec["environment"]["torch"]
     assert len(rec["per_domain"]) == 8 and rec["batches"][0]["domain"] == "sketch"
+    # the table says which protocol produced it
+    txt = runner.invoke(app, ["run", "--method", "tent", "--benchmark", "world-c/i2t/fog/5", "--set", "batch_size=16",
+                              "--set", "lr=1e-3"], terminal_width=200)
+    assert txt.exit_code == 0, txt.output
+    assert ("protocol: B = 16, 3 inner steps, AdamW lr 0.001, weight decay 0.0001, scoring tcr, reset never"
+            in " ".join(txt.output.split()))
     bad = runner.invoke(app, ["run", "--method", "tcr", "--benchmark", "world-clean/i2t", "--set", "nonsense"])
     assert bad.exit_code == 2
 

@@ -256,6 +256,10 @@ def run_cmd(
     for dom, m in list(result.per_domain.items()) + [("all", result.metrics)]:
         table.add_row(dom, *(f"{m[k]:.1f}" for k in ("R@1", "R@5", "R@10", "mAP")))
     console.print(table)
+    c = result.config
+    console.print(f"protocol: B = {c['batch_size']}, {c['steps']} inner steps, AdamW lr {c['lr']:g}, weight decay "
+                  f"{c['weight_decay']:g}, scoring {c['scoring']}, reset {c['reset']}, query order seed {c['seed']}",
+                  markup=False, highlight=False)
     if result.forgetting is not None:
         f = result.forgetting
         console.print(f"forgetting: clean R@1 {f['clean_source']['R@1']:.1f} → {f['clean_after']['R@1']:.1f} "
