@@ -62,6 +62,8 @@ def test_openclip_loads_from_a_local_checkpoint_with_the_tcr_parameter_rule(open
         rm.encode_gallery(["  "])
 
 
+# OpenAI's CLIP checkpoints are TorchScript archives, so the test writes one; torch deprecates the writer
+@pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 def test_quick_gelu_is_decided_and_applied(openclip_ckpt, tmp_path):
     assert needs_quick_gelu("ViT-B-16", "openai") is True
     assert needs_quick_gelu("ViT-B-16-quickgelu", None) is True
