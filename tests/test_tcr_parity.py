@@ -1,4 +1,9 @@
-"""Parity with the TCR authors' loss functions on the golden vectors in shared/golden/."""
+"""Parity with the TCR authors' loss functions on the golden vectors of shared/golden/.
+
+A copy of the vectors lives in tests/golden/ so that CI, which clones the repository alone, runs the
+parity test; where the shared folder sits beside the checkout, the copy must be byte-identical to it.
+"""
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -8,14 +13,24 @@ import torch
 from qshift.methods.objectives import (ReliableQueue, gap_loss, nearest_candidates, refined_entropy, rem_loss,
                                        uniformity_loss)
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "tcr_reference.npz"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "tcr_reference.npz"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "golden" / "tcr_reference.npz"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if not GOLDEN.is_file():
-        pytest.skip(f"golden vectors not found at {GOLDEN}")
+    assert GOLDEN.is_file(), f"the golden vectors are part of the repository: {GOLDEN} is missing"
     return dict(np.load(GOLDEN))
+
+
+def test_vendored_golden_is_the_shared_one():
+    if not SHARED.is_file():
+        pytest.skip(f"no shared golden vectors beside the checkout ({SHARED})")
+    assert _sha256(GOLDEN) == _sha256(SHARED), "tests/golden/tcr_reference.npz differs from shared/golden/"
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
