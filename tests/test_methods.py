@@ -181,6 +181,9 @@ def test_same_seed_same_result_and_forgetting_is_reported(setup, tiny_model):
     assert r.n_queries == 24 and set(r.per_domain) == {"d1", "d2"}
     assert r.forgetting is not None and r.forgetting["first_domain"] == "d1"
     assert len(r.forgetting["curve"]) == 2 and 0 < r.params_adapted < r.params_total
+    # hardware: the device the run used; no CUDA peak on a CPU run
+    assert r.environment["device"] == "cpu" and "gpu" not in r.environment and r.environment["processor"]
+    assert r.peak_cuda_mb is None and r.peak_rss_mb > 0
 
 
 def test_oracle_needs_labels(setup):

@@ -85,8 +85,9 @@ class RunResult:
     params_adapted: int
     params_total: int
     seconds: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the process's peak resident memory so far (a grid's cells share one process)
     environment: dict
+    peak_cuda_mb: float | None = None  # this run's peak CUDA allocation; None on CPU
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -106,10 +107,34 @@ def _jsonable(x):
     return str(x)
 
 
-def environment() -> dict:
-    return {"qshift": qshift.__version__, "torch": str(torch.__version__), "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+def environment(device: torch.device | str | None = None) -> dict:
+    """Versions and hardware for a result file; ``device`` adds the device a run used (and the GPU's name)."""
+    env = {"qshift": qshift.__version__, "torch": str(torch.__version__), "numpy": np.__version__,
+           "python": platform.python_version(), "platform": platform.platform(), "processor": _processor(),
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device is not None:
+        device = torch.device(device)
+        env["device"] = str(device)
+        if device.type == "cuda":
+            env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _processor() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device_of(model: RetrievalModel) -> torch.device:
+    params = model.adaptable_parameters()
+    return params[0][1].device if params else torch.device("cpu")
 
 
 def _count(model: RetrievalModel) -> tuple[int, int]:
@@ -136,6 +161,9 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
+    device = _device_of(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     gallery_ids = torch.as_tensor(task.gallery_ids)
     if gallery_embeddings is not None:
@@ -203,7 +231,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         n_queries=int(ranks_t.numel()), n_gallery=int(len(gallery_ids)),
         params_adapted=adapted if method.adapts else 0, params_total=total,
         seconds=time.perf_counter() - t0,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, environment=environment())
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, environment=environment(device),
+        peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
 
 
 def _delta(now: dict[str, float], ref: dict[str, float]) -> dict[str, float]:

@@ -387,7 +387,7 @@ def _finished_diag(path: Path, model: dict[str, Any] | None = None) -> bool:
     return "diagnostics" in payload and (model is None or payload.get("model") == model)
 
 
-_RESTAMP_IGNORED = {"seconds", "peak_rss_mb", "environment", "model", "restamped"}
+_RESTAMP_IGNORED = {"seconds", "peak_rss_mb", "peak_cuda_mb", "environment", "model", "restamped"}
 
 
 def _comparable(payload: dict) -> dict:
