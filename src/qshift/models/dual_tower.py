@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qshift.models.protocol import layernorm_affine_parameters
+from qshift.models.protocol import TwoTowerBase, layernorm_affine_parameters
 
 MODALITIES = ("image", "text")
 AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class DualTowerModel:
+class DualTowerModel(TwoTowerBase):
     """Query / gallery encoders built from per-modality towers.
 
     ``encoders`` maps a modality to a function ``batch -> [B, d]`` (unnormalised features are fine);
@@ -55,13 +55,6 @@ class DualTowerModel:
         if z.ndim != 2:
             raise ValueError(f"{modality} encoder returned shape {tuple(z.shape)}, expected [B, d]")
         return F.normalize(z.float(), dim=-1)
-
-    def encode_query(self, batch: Any) -> torch.Tensor:
-        return self._encode(self.query_modality, batch)
-
-    @torch.no_grad()
-    def encode_gallery(self, batch: Any) -> torch.Tensor:
-        return self._encode(self.gallery_modality, batch)
 
     def query_tower(self) -> nn.Module:
         return self.towers[self.query_modality]

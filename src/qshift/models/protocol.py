@@ -27,6 +27,30 @@ class RetrievalModel(Protocol):
     def adaptable_parameters(self) -> list[tuple[str, nn.Parameter]]: ...
 
 
+class TwoTowerBase:
+    """Shared plumbing of the adapters: ``encode_query`` / ``encode_gallery`` from one ``_encode``.
+
+    A subclass sets ``query_modality`` / ``gallery_modality`` and implements
+    ``_encode(modality, batch) -> [B, d]`` (L2-normalised) and ``query_tower()``.
+    """
+
+    query_modality: str
+    gallery_modality: str
+
+    def _encode(self, modality: str, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def query_tower(self) -> nn.Module:
+        raise NotImplementedError
+
+    def encode_query(self, batch: Any) -> torch.Tensor:
+        return self._encode(self.query_modality, batch)
+
+    @torch.no_grad()
+    def encode_gallery(self, batch: Any) -> torch.Tensor:
+        return self._encode(self.gallery_modality, batch)
+
+
 def layernorm_affine_parameters(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of the weight and bias of every ``nn.LayerNorm`` inside ``module``."""
     out: list[tuple[str, nn.Parameter]] = []

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qshift.atomic import atomic_path
-from qshift.models.protocol import layernorm_affine_parameters
+from qshift.models.protocol import TwoTowerBase, layernorm_affine_parameters
 from qshift.models.tokenizer import NgramTokenizer
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -315,7 +315,7 @@ def load_world_model(path: str | Path | None = None) -> WorldDualEncoder:
     return WorldDualEncoder.load(p)
 
 
-class WorldRetrievalModel:
+class WorldRetrievalModel(TwoTowerBase):
     """RetrievalModel adapter over a ``WorldDualEncoder`` for one direction.
 
     ``query_modality="image"`` gives image→text retrieval (i2t), ``"text"`` gives t2i.
@@ -332,13 +332,6 @@ class WorldRetrievalModel:
 
     def _encode(self, modality: str, batch: Any) -> torch.Tensor:
         return self.encoder.encode_image(batch) if modality == "image" else self.encoder.encode_text(batch)
-
-    def encode_query(self, batch: Any) -> torch.Tensor:
-        return self._encode(self.query_modality, batch)
-
-    @torch.no_grad()
-    def encode_gallery(self, batch: Any) -> torch.Tensor:
-        return self._encode(self.gallery_modality, batch)
 
     def query_tower(self) -> nn.Module:
         return self.encoder.visual if self.query_modality == "image" else self.encoder.text
