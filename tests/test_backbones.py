@@ -116,6 +116,9 @@ def test_hf_blip_uses_itc_embeddings_and_every_layernorm(hf_blip_dir):
     bert = [n for n, m in text.hf_model.text_encoder.named_modules() if isinstance(m, torch.nn.LayerNorm)]
     assert [n for n, _ in text.adaptable_parameters()] == [f"text_encoder.{m}.{p}" for m in bert for p in ("weight", "bias")]
     assert "text_encoder.embeddings.LayerNorm.weight" in dict(text.adaptable_parameters())
+    # METHOD.md §2: BLIP text queries adapt at 3e-5 by default, its image queries at the modality's 3e-4
+    from qshift.engine import default_lr
+    assert default_lr(text) == 3e-5 and default_lr(rm) == 3e-4
     # ITC: the projected CLS token of each tower, normalised
     pix = torch.randn(2, 3, 32, 32)
     hf = rm.hf_model
@@ -183,6 +186,7 @@ def test_end_to_end_rest_run_on_a_fixture(which, tmp_path, openclip_ckpt, hf_bli
     assert row["method"] == "rest" and row["n_queries"] == 6 and row["n_gallery"] == 30
     rec = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert rec["params_adapted"] > 0 and rec["params_adapted"] < rec["params_total"]
+    assert rec["config"]["lr"] == 3e-4  # image queries: METHOD.md's rate, not the world model's
     bad = runner.invoke(app, ["run", "--method", "rest", "--benchmark", "flickr/i2t", "--dataset", "flickr",
                               "--data-root", str(tmp_path / "none"), *spec])
     assert bad.exit_code == 2 and "not found" in bad.output

@@ -13,6 +13,7 @@ from qshift.bench.report import (README_END, README_START, Cell, _order, build_s
                                  write_report)
 from qshift.cli import app
 from qshift.data import world
+from qshift.models.world_model import WORLD_LR
 
 runner = CliRunner()
 
@@ -82,6 +83,8 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     assert len(errors) == 2 and "refresh" in json.loads(errors[0].read_text())["error"]
     cell = json.loads(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).read_text())
     assert cell["n_queries"] == 32 and cell["n_gallery"] == 200 and cell["label"] == "tent"
+    # a row without its own lr runs at the world model's rate, and the cell says so
+    assert cell["config"]["lr"] == cell["config"]["lr_default"] == WORLD_LR == 1e-3
     div = json.loads(G.cell_path(out, "world-diverse/i2t/mix8/order0", "source", 0).read_text())
     assert div["n_queries"] == 32 and len(div["per_domain"]) == 8 and div["forgetting"]["clean_delta_R@1"] == 0
     assert (out / "diagnostics" / "world-c__i2t__fog__5.json").is_file()
@@ -107,6 +110,13 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     fourth = G.run_grid(slower, out, progress=False, log=lambda m: None)
     assert fourth["stale"] == 2 and fourth["done"] == 2 and fourth["skipped"] == 4
     assert json.loads(p.read_text())["config"]["lr"] == 0.02
+    # a cell made under the old default rate (3e-4, METHOD.md's CLIP rate) is stale for a grid at the default
+    tent = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
+    assert G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1]))
+    old_rate = json.loads(tent.read_text())
+    old_rate["config"]["lr"] = 3e-4
+    tent.write_text(json.dumps(old_rate))
+    assert not G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1]))
     fewer = spec.model_copy(update={"max_queries": 16})
     assert not G._finished(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0), None, None,
                            G._expected_protocol(fewer, spec.methods[1]))
@@ -133,7 +143,8 @@ def test_report_tables_plots_and_readme_block(small_world, tmp_path):
     md = rep["report"].read_text()
     assert "| source |" in md and "oracle *(uses labels)*" in md and "![diagnostics]" in md
     # the grid's protocol is not METHOD.md's, and the report says so before any table
-    assert ("**Protocol differs from METHOD.md §2 in 9 of 9 cells**: batch_size = 16, steps = 1 "
+    assert ("**Protocol differs from the defaults (METHOD.md §2; lr 1e-3 for the world model) in 9 of 9 cells**: "
+            "batch_size = 16, steps = 1 "
             "(9 cells: source, tent, oracle)") in md.split("|")[0]
     assert "Streams longer than 32 queries subsampled to 32, evenly over their domains" in md
     # the oracle is never bolded
@@ -310,23 +321,26 @@ def _cell(bench, label, seed, r1, **protocol):
 
 
 def _proto(direction="i2t", **kw):
-    return {"batch_size": 64, "steps": 3, "weight_decay": 1e-4, "scoring": "tcr", "reset": "never", "lr": 3e-4,
+    return {"batch_size": 64, "steps": 3, "weight_decay": 1e-4, "scoring": "tcr", "reset": "never", "lr": 1e-3,
             "direction": direction, "max_queries": None, **kw}
 
 
 def test_report_says_which_protocol_its_cells_ran_under():
     default = [_cell("world-c/i2t/fog/5", "tcr", 0, 1.0, **_proto()),
                _cell("world-c/t2i/ocr/6", "rest", 0, 1.0, **_proto("t2i"))]
-    assert protocol_notes(default) == ["Protocol: METHOD.md §2 defaults in every cell (B = 64, 3 inner steps, "
-                                       "AdamW at lr 3e-4, weight decay 1e-4, scoring `tcr`, reset `never`)."]
-    assert protocol_deviations(_proto(lr=3.0000000001e-4)) == {}
-    mixed = default + [_cell("world-c/i2t/fog/5", "tcr-lr1e-3", 0, 1.0, **_proto(lr=1e-3)),
-                       _cell("world-c/i2t/snow/5", "tcr-lr1e-3", 0, 1.0, **_proto(lr=1e-3)),
+    assert protocol_notes(default) == ["Protocol: the defaults in every cell (METHOD.md §2: B = 64, 3 inner steps, "
+                                       "AdamW with weight decay 1e-4, scoring `tcr`, reset `never`; lr 1e-3, the "
+                                       "embedded world model's rate — docs/world.md)."]
+    assert protocol_deviations(_proto(lr=1.0000000001e-3)) == {}
+    # METHOD.md's CLIP rate is a deviation for the world model, and the report says so
+    mixed = default + [_cell("world-c/i2t/fog/5", "tcr-lr3e-4", 0, 1.0, **_proto(lr=3e-4)),
+                       _cell("world-c/i2t/snow/5", "tcr-lr3e-4", 0, 1.0, **_proto(lr=3e-4)),
                        _cell("world-c/i2t/snow/5", "rest[pre]", 0, 1.0, **_proto(scoring="pre", max_queries=6000,
                                                                                   n_queries=6000)),
                        _cell("world-c/i2t/fog/5", "rest", 1, 1.0, **_proto(max_queries=6000, n_queries=2000))]
     notes = protocol_notes(mixed)
-    assert notes[0] == ("**Protocol differs from METHOD.md §2 in 3 of 6 cells**: lr = 0.001 (2 cells: tcr-lr1e-3); "
+    assert notes[0] == ("**Protocol differs from the defaults (METHOD.md §2; lr 1e-3 for the world model) in 3 of 6 "
+                        "cells**: lr = 0.0003 (2 cells: tcr-lr3e-4); "
                         "scoring = pre (1 cell: rest[pre]). The other 3 cells use its defaults.")
     # suffixed labels sort with their method, not alphabetically after every named method
     assert _order(["zzz", "tcr-lr1e-3", "deyo-lr1e-3", "rest", "shot-im-lr1e-3", "source", "rest[x]"]) == \
@@ -389,6 +403,6 @@ def test_compare_grids_matches_cells_and_skips_unequal_streams(tmp_path):
     assert res["only_a"] == 1 and res["only_b"] == 0
     md = cg.to_markdown(res, "a", "b")
     assert "| tcr | Image corruptions, severity 5 | 2 | 15.0 | 17.5 | +2.5 |  |  |" in md
-    assert "lr = 0.001" in md.splitlines()[1]
+    assert "lr = 0.0003" in md.splitlines()[0] and "the defaults in every cell" in md.splitlines()[1]
     # by label nothing matches (tcr vs tcr-lr1e-3)
     assert cg.compare(a, b, by="label")["rows"] == {}

@@ -28,8 +28,16 @@ from qshift.retrieval.encode import encode_batched
 from qshift.retrieval.metrics import per_query_ranks_and_ap, summarise
 
 RESETS = ("never", "episodic", "reset_each_domain")
-#: METHOD.md §2 learning rates by query modality (BLIP text queries use 3e-5: pass lr explicitly)
+#: METHOD.md §2 learning rates by query modality; a backbone may set its own (``model.default_lr``: BLIP
+#: text queries 3e-5, the embedded world model 1e-3 — see ``default_lr``)
 DEFAULT_LR = {"image": 3e-4, "text": 3e-4}
+
+
+def default_lr(model: RetrievalModel) -> float:
+    """The protocol learning rate of ``model`` when a run does not set one: the backbone's own
+    (``model.default_lr``) if it declares one, else METHOD.md §2's rate for its query modality."""
+    own = getattr(model, "default_lr", None)
+    return float(own) if own is not None else DEFAULT_LR.get(model.query_modality, 3e-4)
 
 
 @dataclass
@@ -172,7 +180,7 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         gallery = gallery_embeddings.detach()
     else:
         gallery = encode_batched(model.encode_gallery, task.gallery, 256, desc="gallery", progress=False)
-    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR.get(model.query_modality, 3e-4)
+    lr = cfg.lr if cfg.lr is not None else default_lr(model)
     method = create(cfg.method, model, gallery, steps=cfg.steps, lr=lr, weight_decay=cfg.weight_decay,
                     scoring=cfg.scoring, gallery_ids=gallery_ids.to(gallery.device), **cfg.method_options)
     stream = task.stream(batch_size=cfg.batch_size, seed=cfg.seed)
@@ -225,7 +233,7 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     adapted, total = _count(model)
     return RunResult(
         benchmark=task.name, direction=task.direction,
-        config={**asdict(cfg), "lr": lr, "method_resolved": resolved_options(cfg.method, cfg.method_options)},
+        config={**asdict(cfg), "lr": lr, "lr_default": default_lr(model), "method_resolved": resolved_options(cfg.method, cfg.method_options)},
         metrics=metrics, per_domain=per_domain,
         source_clean=source_clean, forgetting=forgetting, batches=batches,
         n_queries=int(ranks_t.numel()), n_gallery=int(len(gallery_ids)),

@@ -260,7 +260,7 @@ def _finished(path: Path, expected: dict[str, Any] | None = None, model: dict[st
         return False
     if protocol is not None:
         config = payload.get("config", {})
-        # None (lr: the query modality's default) is resolved by the engine, which records the value used
+        # None (a knob RunConfig leaves to the engine) matches whatever the engine recorded
         if any(v is not None and k in config and config[k] != v for k, v in protocol["config"].items()):
             return False
         if any(k in payload and payload[k] != protocol[k] for k in ("max_queries", "grid_shift_seed")):
@@ -279,8 +279,13 @@ def _expected_protocol(spec: "GridSpec", m: "MethodSpec") -> dict[str, Any]:
 
     from qshift.engine import RunConfig
 
+    from qshift.models.world_model import WORLD_LR
+
     defaults = {f.name: f.default for f in fields(RunConfig) if f.name in PROTOCOL_KEYS}
-    return {"config": {**defaults, **_protocol_of(spec, m)}, "max_queries": spec.max_queries,
+    config = {**defaults, **_protocol_of(spec, m)}
+    if config.get("lr") is None:  # grid cells run the world model: its protocol rate, so a cell made under
+        config["lr"] = WORLD_LR   # another default (3e-4 before) is stale, not silently reused
+    return {"config": config, "max_queries": spec.max_queries,
             "grid_shift_seed": spec.shift_seed}
 
 

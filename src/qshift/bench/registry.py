@@ -121,10 +121,17 @@ def _text_gallery_task(name, gallery_images, query_sets, stream_kind="single", d
                          domain_order, clean, meta or {})
 
 
-def build_benchmark(name: str, shift_seed: int = 0, workers: int | None = None, progress: bool = False) -> RetrievalTask:
-    """Resolve a benchmark name into its task (query sets are built once and cached on disk)."""
+def build_benchmark(name: str, shift_seed: int = 0, workers: int | None = None, progress: bool = False,
+                    split: str = "test") -> RetrievalTask:
+    """Resolve a benchmark name into its task (query sets are built once and cached on disk).
+
+    ``split`` builds a single-split world benchmark on another world split (``val``: for calibrating a
+    setting away from the reported test images; ``test1k``); the diverse streams have their own split.
+    """
     parts = name.strip("/").split("/")
-    test = world.load_split("test")
+    if split != "test" and parts and parts[0] == "world-diverse":
+        raise ValueError(f"{name}: the diverse streams are built on their own split; split={split!r} is not allowed")
+    test = world.load_split(split)
     imgs = lambda split=test: world_data.domain_images(split, "source", workers, progress)  # noqa: E731
     img_sets = lambda split=test: streams.QuerySet("clean", imgs(split), np.arange(len(split)))  # noqa: E731
     cap_set = lambda: streams.QuerySet("clean", list(test.captions), test.caption_image)  # noqa: E731

@@ -103,7 +103,6 @@ def load_cells(out: str | Path, model: dict | None | str = "current", excluded: 
     return cells
 
 
-_QUERY_MODALITY = {"i2t": "image", "t2i": "text", "v2a": "video", "a2v": "audio", "cir": "image"}
 _KNOB_DEFAULTS = {"batch_size": 64, "steps": 3, "weight_decay": 1e-4, "scoring": "tcr", "reset": "never"}
 
 
@@ -117,12 +116,13 @@ def _cell_protocol(d: dict) -> dict:
 
 
 def protocol_deviations(protocol: dict) -> dict:
-    """The knobs of a cell's recorded protocol that differ from METHOD.md §2's defaults."""
-    from qshift.engine import DEFAULT_LR
+    """The knobs of a cell's recorded protocol that differ from the defaults (METHOD.md §2, with the
+    embedded world model's own learning rate, ``WORLD_LR``)."""
+    from qshift.models.world_model import WORLD_LR
 
     dev = {k: protocol[k] for k, v in _KNOB_DEFAULTS.items() if k in protocol and protocol[k] != v}
     lr = protocol.get("lr")
-    default_lr = DEFAULT_LR.get(_QUERY_MODALITY.get(protocol.get("direction") or "", ""), 3e-4)
+    default_lr = WORLD_LR  # grid cells run the embedded world model
     if lr is not None and not math.isclose(lr, default_lr, rel_tol=1e-9):
         dev["lr"] = lr
     return dev
@@ -140,8 +140,9 @@ def protocol_notes(cells: list[Cell]) -> list[str]:
         groups[tuple(sorted(protocol_deviations(c.protocol).items()))].append(c)
     lines = []
     if set(groups) == {()}:
-        lines.append("Protocol: METHOD.md §2 defaults in every cell (B = 64, 3 inner steps, AdamW at lr 3e-4, "
-                     "weight decay 1e-4, scoring `tcr`, reset `never`).")
+        lines.append("Protocol: the defaults in every cell (METHOD.md §2: B = 64, 3 inner steps, AdamW with weight "
+                     "decay 1e-4, scoring `tcr`, reset `never`; lr 1e-3, the embedded world model's rate — "
+                     "docs/world.md).")
     else:
         n_dev = sum(len(v) for k, v in groups.items() if k)
         parts = []
@@ -151,7 +152,8 @@ def protocol_notes(cells: list[Cell]) -> list[str]:
             labels = _order({c.label for c in group})
             knobs = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in dev)
             parts.append(f"{knobs} ({_n_cells(len(group))}: {', '.join(labels)})")
-        lines.append(f"**Protocol differs from METHOD.md §2 in {n_dev} of {len(cells)} cells**: " + "; ".join(parts)
+        lines.append(f"**Protocol differs from the defaults (METHOD.md §2; lr 1e-3 for the world model) in {n_dev} "
+                     f"of {len(cells)} cells**: " + "; ".join(parts)
                      + (f". The other {_n_cells(len(groups[()]))} use its defaults." if () in groups else "."))
     cut = defaultdict(int)
     for c in cells:

@@ -24,12 +24,15 @@ class DualTowerModel(TwoTowerBase):
     ``adaptable`` is either a callable ``(tower) -> [(name, param)]`` or ``None`` for every LayerNorm
     affine parameter of the query tower.  ``autocast`` (``bf16`` / ``fp16``) runs the encoders under
     ``torch.autocast`` on ``device``; embeddings are returned in float32 and L2-normalised.
+    ``default_lr`` is the backbone's protocol learning rate (METHOD.md §2: 3e-5 for BLIP text queries);
+    ``None`` leaves it to the query modality's default.
     """
 
     def __init__(self, encoders: dict[str, Callable[[Any], torch.Tensor]], towers: dict[str, nn.Module],
                  query_modality: str, gallery_modality: str | None = None,
                  adaptable: Callable[[nn.Module], list[tuple[str, nn.Parameter]]] | None = None,
-                 device: str | torch.device = "cpu", autocast: str | None = None) -> None:
+                 device: str | torch.device = "cpu", autocast: str | None = None,
+                 default_lr: float | None = None) -> None:
         if query_modality not in encoders:
             raise ValueError(f"query_modality must be one of {sorted(encoders)}, got {query_modality!r}")
         others = [m for m in encoders if m != query_modality]
@@ -43,6 +46,8 @@ class DualTowerModel(TwoTowerBase):
         self.device = torch.device(device)
         self.autocast = AUTOCAST[autocast]
         self._rule = adaptable
+        #: the backbone's protocol learning rate when a run does not set one (None: by query modality)
+        self.default_lr = default_lr
 
     def _ctx(self):
         if self.autocast is None:

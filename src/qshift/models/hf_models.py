@@ -75,6 +75,10 @@ def clip_rule(modality: str):
     return lambda tm: named_layernorms(tm, lambda n: n.endswith((".layer_norm1", ".layer_norm2")), prefix="text_model")
 
 
+#: METHOD.md §2: BLIP text queries adapt at 3e-5 (TCR's setting), not the 3e-4 of every other query
+BLIP_TEXT_LR = 3e-5
+
+
 def blip_rule(modality: str):
     prefix = "vision_model" if modality == "image" else "text_encoder"
     return lambda tower: named_layernorms(tower, lambda n: True, prefix=prefix)
@@ -95,9 +99,10 @@ def _load(cls, path: str | Path, what: str, device: str, grad_checkpointing: boo
     return model, p, transform
 
 
-def _wrap(model, encoders, towers, query_modality: str, rule, device: str, autocast: str | None) -> DualTowerModel:
+def _wrap(model, encoders, towers, query_modality: str, rule, device: str, autocast: str | None,
+          default_lr: float | None = None) -> DualTowerModel:
     rm = DualTowerModel(encoders, towers, query_modality, adaptable=rule(query_modality), device=device,
-                        autocast=autocast)
+                        autocast=autocast, default_lr=default_lr)
     for _, prm in rm.adaptable_parameters():
         prm.requires_grad_(True)
     rm.hf_model = model
@@ -143,4 +148,5 @@ def load_hf_blip(path: str | Path, query_modality: str = "image", *, preprocess:
         return model.text_proj(hidden[:, 0, :])
 
     return _wrap(model, {"image": enc_image, "text": enc_text},
-                 {"image": model.vision_model, "text": model.text_encoder}, query_modality, blip_rule, device, autocast)
+                 {"image": model.vision_model, "text": model.text_encoder}, query_modality, blip_rule, device, autocast,
+                 default_lr=BLIP_TEXT_LR if query_modality == "text" else None)
