@@ -41,6 +41,23 @@ def test_registry_lists_methods_and_rejects_bad_options(setup):
     create("rest", rm, g, lambda_u=1)  # an integer for a float option is fine
 
 
+def test_learning_rate_defaults_to_the_backbones_rate(setup):
+    from qshift.models.dual_tower import DualTowerModel
+
+    rm, g, _ = setup
+    m = create("tcr", rm, g)
+    # the world model declares 1e-3; the optimizer is built with it, and an explicit rate wins
+    assert m.lr == 1e-3 and all(grp["lr"] == 1e-3 for grp in m.optimizer.param_groups)
+    assert create("tcr", rm, g, lr=3e-4).lr == 3e-4
+    # a backbone that declares nothing gets METHOD.md §2's rate for its query modality
+    towers = {"image": rm.encoder.visual, "text": rm.encoder.text}
+    plain = DualTowerModel({"image": rm.encoder.encode_image, "text": rm.encoder.encode_text}, towers, "image")
+    assert create("tcr", plain, g).lr == 3e-4
+    blip_like = DualTowerModel({"image": rm.encoder.encode_image, "text": rm.encoder.encode_text}, towers, "text",
+                               default_lr=3e-5)
+    assert create("tent", blip_like, g).lr == 3e-5
+
+
 @pytest.mark.parametrize("name", ["tent", "tcr", "rest"])
 def test_only_query_tower_layernorms_change(setup, name):
     rm, g, split = setup

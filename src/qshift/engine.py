@@ -23,23 +23,11 @@ import qshift
 from qshift.atomic import write_text_atomic
 from qshift.methods import create
 from qshift.methods.base import resolved_options
-from qshift.models.protocol import RetrievalModel
+from qshift.models.protocol import DEFAULT_LR, RetrievalModel, default_lr  # noqa: F401 (re-exported)
 from qshift.retrieval.encode import encode_batched
 from qshift.retrieval.metrics import per_query_ranks_and_ap, summarise
 
 RESETS = ("never", "episodic", "reset_each_domain")
-#: METHOD.md §2 learning rates by query modality; a backbone may set its own (``model.default_lr``: BLIP
-#: text queries 3e-5, the embedded world model 1e-3 — see ``default_lr``)
-DEFAULT_LR = {"image": 3e-4, "text": 3e-4}
-
-
-def default_lr(model: RetrievalModel) -> float:
-    """The protocol learning rate of ``model`` when a run does not set one: the backbone's own
-    (``model.default_lr``) if it declares one, else METHOD.md §2's rate for its query modality."""
-    own = getattr(model, "default_lr", None)
-    return float(own) if own is not None else DEFAULT_LR.get(model.query_modality, 3e-4)
-
-
 @dataclass
 class RunConfig:
     """The protocol knobs of one online run."""

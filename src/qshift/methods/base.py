@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from qshift.models.protocol import RetrievalModel
+from qshift.models.protocol import RetrievalModel, default_lr
 
 SCORING_MODES = ("pre", "tcr", "post")
 _REGISTRY: dict[str, type["Method"]] = {}
@@ -105,7 +105,7 @@ class Method:
     adapts: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False
 
-    def __init__(self, model: RetrievalModel, gallery: torch.Tensor, *, steps: int = 3, lr: float = 3e-4,
+    def __init__(self, model: RetrievalModel, gallery: torch.Tensor, *, steps: int = 3, lr: float | None = None,
                  weight_decay: float = 1e-4, scoring: str = "tcr", gallery_ids: torch.Tensor | None = None,
                  optimizer: str = "adamw", momentum: float = 0.9, **options: Any) -> None:
         if scoring not in SCORING_MODES:
@@ -122,6 +122,8 @@ class Method:
         self.model = model
         self.gallery = gallery.detach()
         self.gallery_ids = None if gallery_ids is None else torch.as_tensor(gallery_ids)
+        # None: the backbone's protocol rate (METHOD.md §2; the world model's 1e-3)
+        lr = default_lr(model) if lr is None else lr
         self.steps, self.lr, self.weight_decay, self.scoring = steps, lr, weight_decay, scoring
         self.named_params = list(model.adaptable_parameters())
         self.params = [p for _, p in self.named_params]

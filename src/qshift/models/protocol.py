@@ -7,6 +7,18 @@ import torch
 from torch import nn
 
 
+#: METHOD.md §2 learning rates by query modality; a backbone may set its own (``model.default_lr``: BLIP
+#: text queries 3e-5, the embedded world model 1e-3 — see ``default_lr``)
+DEFAULT_LR = {"image": 3e-4, "text": 3e-4}
+
+
+def default_lr(model: RetrievalModel) -> float:
+    """The protocol learning rate of ``model`` when a run does not set one: the backbone's own
+    (``model.default_lr``) if it declares one, else METHOD.md §2's rate for its query modality."""
+    own = getattr(model, "default_lr", None)
+    return float(own) if own is not None else DEFAULT_LR.get(model.query_modality, 3e-4)
+
+
 @runtime_checkable
 class RetrievalModel(Protocol):
     """A dual encoder seen from the query side.
@@ -14,7 +26,8 @@ class RetrievalModel(Protocol):
     ``query_modality`` / ``gallery_modality`` name the towers' inputs ("image", "text", …);
     ``encode_query`` is differentiable, ``encode_gallery`` runs without gradients, both return
     L2-normalised [B, d] embeddings.  ``adaptable_parameters`` is the named rule of what test-time
-    adaptation may change (by default the query tower's LayerNorm affine parameters).
+    adaptation may change (by default the query tower's LayerNorm affine parameters).  An adapter may
+    also set ``default_lr``, its backbone's protocol learning rate (see :func:`default_lr`).
     """
 
     query_modality: str
