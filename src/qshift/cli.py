@@ -333,7 +333,8 @@ def _print_tables(tables) -> None:
 def bench_cmd(
     grid: Annotated[Optional[Path], typer.Option(help="Grid YAML: methods, benchmarks, seeds, protocol, …")] = None,
     preset: Annotated[Optional[str], typer.Option(help="A built-in grid: world-qs, world-qgs, world-methods, "
-                                                       "world-3seeds, world-diverse, rest-ablation, world-readme, demo.")] = None,
+                                                       "world-3seeds, world-diverse, rest-ablation, rest-ablation-s5, rest-ablation-extra, "
+                                                       "world-readme, demo.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the cells' result JSON (re-run to resume).")] = Path("runs/grid"),
     seeds: Annotated[Optional[str], typer.Option(help="Override the seeds, e.g. 0,1,2.")] = None,
     max_queries: Annotated[Optional[int], typer.Option(min=1, help="Subsample each benchmark's queries.")] = None,

@@ -150,6 +150,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         {"name": "rest", "label": "rest[lambda_a=0.3]", "options": {"lambda_a": 0.3}},
         {"name": "rest", "label": "rest[lambda_a=1]", "options": {"lambda_a": 1.0}}],
         "benchmarks": _ABLATION_BENCHMARKS, "max_queries": 6000},
+    # the methods issue's switches (each loss term, each decoupling signal / mode / granularity) on the
+    # whole severity-5 family, for its mean (tcr and rest themselves are in the methods table); run it into
+    # the rest-ablation folder and the cells of the three corruptions above are shared, not rerun
+    "rest-ablation-s5": {"methods": [
+        {"name": "rest", "label": "rest[no-decoupling]", "options": {"decoupling": False}},
+        {"name": "rest", "label": "rest[no-consistency]", "options": {"consistency": "off"}},
+        {"name": "rest", "label": "rest[no-uniformity]", "options": {"lambda_u": 0.0}},
+        {"name": "rest", "label": "rest[no-gap]", "options": {"lambda_g": 0.0}},
+        {"name": "rest", "label": "rest[reliable]", "options": {"signal": "reliable"}},
+        {"name": "rest", "label": "rest[memory]", "options": {"signal": "memory"}},
+        {"name": "rest", "label": "rest[always]", "options": {"mode": "always"}},
+        {"name": "rest", "label": "rest[per-tensor]", "options": {"granularity": "per-tensor"}}],
+        "benchmarks": [_C16], "max_queries": 6000},  # the cap of rest-ablation (no corruption reaches it)
     # the remaining switches (optimiser, metric, anchor placement, queue refresh), same benchmarks
     "rest-ablation-extra": {"methods": [
         {"name": "rest", "label": "rest[adam-metric]", "options": {"precondition": "adam"}},
