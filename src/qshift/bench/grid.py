@@ -112,6 +112,17 @@ _TABLE = ["world-clean/i2t", "world-clean/t2i", "world-c/i2t/*/5", "world-c/i2t/
           "world-qgs/*/i2t", "world-qgs/*/t2i"]
 _ABLATION_BENCHMARKS = ["world-diverse/i2t/mix8/order0", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5",
                         "world-c/i2t/zoom_blur/5", "world-c/t2i/keyboard/6"]
+
+
+def _rest(label: str, **options: Any) -> dict[str, Any]:
+    return {"name": "rest", "label": f"rest[{label}]", "options": options}
+
+
+#: the switches the methods issue asks the REST ablation for: each loss term, each decoupling signal,
+#: mode and granularity
+_SWITCHES = [_rest("no-decoupling", decoupling=False), _rest("no-consistency", consistency="off"),
+             _rest("no-uniformity", lambda_u=0.0), _rest("no-gap", lambda_g=0.0), _rest("reliable", signal="reliable"),
+             _rest("memory", signal="memory"), _rest("always", mode="always"), _rest("per-tensor", granularity="per-tensor")]
 PRESETS: dict[str, dict[str, Any]] = {
     # every method on the severity-5 corruptions and level-6 character perturbations
     "world-qs": {"methods": list(BASELINES), "benchmarks": [_C16, *_CHAR6]},
@@ -135,34 +146,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # REST ablation: each switch of METHOD.md §4–§5 against the default, on a diverse stream (online
     # mean vs clean R@1 after it: the Pareto pair) and four severe corruptions
     "rest-ablation": {"methods": [
-        "tcr", "rest",
-        {"name": "rest", "label": "rest[no-decoupling]", "options": {"decoupling": False}},
-        {"name": "rest", "label": "rest[no-consistency]", "options": {"consistency": "off"}},
-        {"name": "rest", "label": "rest[mutual]", "options": {"consistency": "mutual"}},
-        {"name": "rest", "label": "rest[no-uniformity]", "options": {"lambda_u": 0.0}},
-        {"name": "rest", "label": "rest[no-gap]", "options": {"lambda_g": 0.0}},
-        {"name": "rest", "label": "rest[reliable]", "options": {"signal": "reliable"}},
-        {"name": "rest", "label": "rest[memory]", "options": {"signal": "memory"}},
-        {"name": "rest", "label": "rest[always]", "options": {"mode": "always"}},
-        {"name": "rest", "label": "rest[per-tensor]", "options": {"granularity": "per-tensor"}},
-        {"name": "rest", "label": "rest[lambda_a=0.01]", "options": {"lambda_a": 0.01}},
-        {"name": "rest", "label": "rest[lambda_a=0.03]", "options": {"lambda_a": 0.03}},
-        {"name": "rest", "label": "rest[lambda_a=0.3]", "options": {"lambda_a": 0.3}},
-        {"name": "rest", "label": "rest[lambda_a=1]", "options": {"lambda_a": 1.0}}],
+        "tcr", "rest", *_SWITCHES[:2], _rest("mutual", consistency="mutual"), *_SWITCHES[2:],
+        *(_rest(f"lambda_a={v:g}", lambda_a=v) for v in (0.01, 0.03, 0.3, 1.0))],
         "benchmarks": _ABLATION_BENCHMARKS, "max_queries": 6000},
     # the methods issue's switches (each loss term, each decoupling signal / mode / granularity) on the
     # whole severity-5 family, for its mean (tcr and rest themselves are in the methods table); run it into
     # the rest-ablation folder and the cells of the three corruptions above are shared, not rerun
-    "rest-ablation-s5": {"methods": [
-        {"name": "rest", "label": "rest[no-decoupling]", "options": {"decoupling": False}},
-        {"name": "rest", "label": "rest[no-consistency]", "options": {"consistency": "off"}},
-        {"name": "rest", "label": "rest[no-uniformity]", "options": {"lambda_u": 0.0}},
-        {"name": "rest", "label": "rest[no-gap]", "options": {"lambda_g": 0.0}},
-        {"name": "rest", "label": "rest[reliable]", "options": {"signal": "reliable"}},
-        {"name": "rest", "label": "rest[memory]", "options": {"signal": "memory"}},
-        {"name": "rest", "label": "rest[always]", "options": {"mode": "always"}},
-        {"name": "rest", "label": "rest[per-tensor]", "options": {"granularity": "per-tensor"}}],
-        "benchmarks": [_C16], "max_queries": 6000},  # the cap of rest-ablation (no corruption reaches it)
+    "rest-ablation-s5": {"methods": _SWITCHES, "benchmarks": [_C16],
+                         "max_queries": 6000},  # the cap of rest-ablation (no corruption reaches it)
     # the remaining switches (optimiser, metric, anchor placement, queue refresh), same benchmarks
     "rest-ablation-extra": {"methods": [
         {"name": "rest", "label": "rest[adam-metric]", "options": {"precondition": "adam"}},
