@@ -24,7 +24,8 @@ from qshift.atomic import write_text_atomic
 from qshift.bench.grid import model_identity
 from qshift.bench.registry import build_benchmark
 from qshift.engine import RunConfig, environment, run_online
-from qshift.models.world_model import WORLD_LR, WorldRetrievalModel, load_world_model
+from qshift.options import Protocol
+from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.retrieval.encode import encode_batched
 from qshift.retrieval.metrics import per_query_ranks_and_ap, summarise
 from qshift.shifts.image import CORRUPTIONS
@@ -62,7 +63,7 @@ def main() -> None:
             before = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
             opts = {k: v for k, v in (("temperature", args.temperature), ("negatives", args.negatives))
                     if method == "oracle" and v is not None}
-            cfg = RunConfig(method=method, seed=args.seed, lr=args.lr, method_options=opts)
+            cfg = RunConfig(method=method, protocol=Protocol(lr=args.lr), seed=args.seed, method_options=opts)
             r[method] = run_online(model, task, cfg, progress=False).metrics["R@1"]
         if args.after_stream:
             r["oracle_after_stream"] = after_stream_r1(model, task)
@@ -87,7 +88,7 @@ def save(args, rows: dict, t0: float, complete: bool) -> float:
     write_text_atomic(args.out, json.dumps({
         "severity": args.severity, "seed": args.seed, "R@1": rows, "mean_gain": gain, "complete": complete,
         "corruptions_asked": args.corruptions.split(","), "oracle_temperature": args.temperature,
-        "oracle_negatives": args.negatives, "lr": args.lr or WORLD_LR, "split": args.split,
+        "oracle_negatives": args.negatives, "lr": args.lr or WorldRetrievalModel.default_lr, "split": args.split,
         "weights": str(args.weights or "shipped"),
         "model": model_identity(args.weights), "environment": environment(),
         "seconds": round(time.time() - t0, 1)}, indent=1))

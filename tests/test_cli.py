@@ -75,12 +75,14 @@ def test_run_command_json_and_result_file(tmp_path, monkeypatch):
     assert bad.exit_code == 2
 
 
-def test_set_values_parse_like_numbers_and_yaml():
-    from qshift.cli import _parse_value
+def test_set_values_parse_by_their_declared_kind():
+    from qshift.options import parse_text
 
-    assert _parse_value("1e-3") == 0.001 and isinstance(_parse_value("3"), int)
-    assert _parse_value("true") is True and _parse_value("mutual") == "mutual" and _parse_value("[1, 2]") == [1, 2]
-    assert _parse_value("off") == "off" and _parse_value("no") == "no" and _parse_value("None") is None
+    assert parse_text("1e-3", "float") == 0.001 and isinstance(parse_text("3", "int"), int)
+    assert parse_text("1", "float") == 1 and parse_text("true", "bool") is True
+    assert parse_text("off", "str") == "off" and parse_text("no", "str") == "no"
+    assert parse_text("None", "float|None") is None and parse_text("none", "str") == "none"
+    assert parse_text("[1, 2]") == [1, 2] and parse_text("mutual") == "mutual"
 
 
 def test_entry_point_turns_bad_input_into_one_error_line(tmp_path, monkeypatch, capsys):

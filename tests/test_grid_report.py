@@ -8,12 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from qshift.bench import grid as G
+from qshift.bench.store import read_cell
 from qshift.bench.report import (README_END, README_START, Cell, _order, build_summary, build_tables, load_cells,
                                  protocol_deviations, protocol_notes, table_markdown, update_readme,
                                  write_report)
 from qshift.cli import app
 from qshift.data import world
-from qshift.models.world_model import WORLD_LR
+from qshift.models.world_model import WorldRetrievalModel
 
 runner = CliRunner()
 
@@ -77,15 +78,15 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     out = tmp_path / "grid"
     counts = G.run_grid(spec, out, progress=False, log=lambda m: None)
     assert counts == {"cells": 8, "skipped": 0, "done": 6, "failed": 2, "stale": 0}
-    fast = json.loads(G.cell_path(out, "world-c/i2t/fog/5", "tent-fast", 0).read_text())
+    fast = read_cell(G.cell_path(out, "world-c/i2t/fog/5", "tent-fast", 0))
     assert fast["config"]["lr"] == 0.01 and "lr" not in fast["config"]["method_options"]
     errors = sorted((out / "cells").glob("*/*/seed0.error.json"))
     assert len(errors) == 2 and "refresh" in json.loads(errors[0].read_text())["error"]
-    cell = json.loads(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).read_text())
+    cell = read_cell(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0))
     assert cell["n_queries"] == 32 and cell["n_gallery"] == 200 and cell["label"] == "tent"
     # a row without its own lr runs at the world model's rate, and the cell says so
-    assert cell["config"]["lr"] == cell["config"]["lr_default"] == WORLD_LR == 1e-3
-    div = json.loads(G.cell_path(out, "world-diverse/i2t/mix8/order0", "source", 0).read_text())
+    assert cell["config"]["lr"] == cell["config"]["lr_default"] == WorldRetrievalModel.default_lr == 1e-3
+    div = read_cell(G.cell_path(out, "world-diverse/i2t/mix8/order0", "source", 0))
     assert div["n_queries"] == 32 and len(div["per_domain"]) == 8 and div["forgetting"]["clean_delta_R@1"] == 0
     assert (out / "diagnostics" / "world-c__i2t__fog__5.json").is_file()
     before = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).stat().st_mtime_ns
@@ -94,7 +95,7 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     assert G.cell_path(out, "world-c/i2t/fog/5", "tent", 0).stat().st_mtime_ns == before
     # a method default that changed since a cell ran makes that cell stale: it is rerun, not trusted
     p = G.cell_path(out, "world-c/i2t/fog/5", "tent-fast", 0)
-    cell = json.loads(p.read_text())
+    cell = read_cell(p)
     assert cell["config"]["method_resolved"] == G._expected_options(spec.methods[3])
     cell["config"]["method_resolved"] = {"an_old_default": 1}
     p.write_text(json.dumps(cell))
@@ -109,11 +110,11 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
                                                                                  options={"lr": 0.02})]})
     fourth = G.run_grid(slower, out, progress=False, log=lambda m: None)
     assert fourth["stale"] == 2 and fourth["done"] == 2 and fourth["skipped"] == 4
-    assert json.loads(p.read_text())["config"]["lr"] == 0.02
+    assert read_cell(p)["config"]["lr"] == 0.02
     # a cell made under the old default rate (3e-4, METHOD.md's CLIP rate) is stale for a grid at the default
     tent = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
     assert G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1]))
-    old_rate = json.loads(tent.read_text())
+    old_rate = read_cell(tent)
     old_rate["config"]["lr"] = 3e-4
     tent.write_text(json.dumps(old_rate))
     assert not G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1]))
@@ -164,7 +165,7 @@ def test_report_tables_plots_and_readme_block(small_world, tmp_path):
         update_readme(readme, rep["tables"], "x")
     # a cell made with another world model is left out of every table, and the report says so
     p = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
-    cell = json.loads(p.read_text())
+    cell = read_cell(p)
     cell["model"] = {**cell["model"], "weights_sha256": "0" * 64}
     p.write_text(json.dumps(cell))
     excluded = []
@@ -288,14 +289,14 @@ def test_restamp_only_after_identical_reruns(small_world, tmp_path, tiny_model):
     tiny_model.save(weights_b)
     i2t = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
     t2i = G.cell_path(out, "world-c/t2i/keyboard/6", "tent", 0)
-    before_t2i = t2i.read_text()
+    before_t2i = t2i.read_bytes()
 
     refused = G.restamp_cells(out, ["world-c/t2i/*"], verify=1, weights=weights_b, log=lambda m: None)
-    assert refused["restamped"] == 0 and refused["mismatch"] and t2i.read_text() == before_t2i
+    assert refused["restamped"] == 0 and refused["mismatch"] and t2i.read_bytes() == before_t2i
 
     done = G.restamp_cells(out, ["world-c/i2t/*"], verify=1, weights=weights_b, log=lambda m: None)
     assert done["restamped"] == 1 and done["verified_by"]
-    cell = json.loads(i2t.read_text())
+    cell = read_cell(i2t)
     assert cell["model"] == G.model_identity(weights_b) and cell["restamped"]["from"] == G.model_identity(weights_a)
     # the grid now treats the restamped cell as finished and reruns only the typo cell
     spec_b = spec.model_copy(update={"weights": str(weights_b)})

@@ -8,6 +8,8 @@ import torch
 from qshift.data import world
 from qshift.data.streams import QuerySet
 from qshift.engine import RunConfig, run_online
+from qshift.methods.base import resolved_options
+from qshift.options import Protocol
 from qshift.methods import available_methods, create
 from qshift.methods.objectives import ReliableQueue, gap_loss, rem_loss, rem_weights, uniformity_loss
 from qshift.methods.rest import project_conflict
@@ -189,7 +191,7 @@ def test_same_seed_same_result_and_forgetting_is_reported(setup, tiny_model):
     runs = []
     for _ in range(2):
         fresh = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-        res = run_online(rm, _task(split, rm), RunConfig(method="tcr", batch_size=8, lr=1e-2), progress=False)
+        res = run_online(rm, _task(split, rm), RunConfig(method="tcr", protocol=Protocol(batch_size=8, lr=1e-2)), progress=False)
         tiny_model.load_state_dict(fresh)
         runs.append(res)
     assert runs[0].metrics == runs[1].metrics
@@ -384,14 +386,58 @@ def test_rest_adam_preconditioning_runs_and_needs_adamw(setup):
         create("rest", rm, g, precondition="adam", optimizer="sgd")
 
 
-@pytest.mark.parametrize("bad, match", [({"steps": 2.5}, "steps must be an integer"), ({"lr": "abc"}, "lr must be a number"),
-                                        ({"seed": "x"}, "seed must be an integer"), ({"batch_size": 0}, "positive"),
-                                        ({"steps": 0}, "at least 1"), ({"lr": -1.0}, "non-negative"),
-                                        ({"reset": "sometimes"}, "reset")])
-def test_run_config_rejects_bad_protocol_values(bad, match):
+@pytest.mark.parametrize("bad, match", [({"steps": 2.5}, "'steps' of the protocol expects an integer"),
+                                        ({"lr": "abc"}, "'lr' of the protocol expects a number"),
+                                        ({"batch_size": 0}, "'batch_size' of the protocol must be ≥ 1"),
+                                        ({"batch_size": 100000}, "must be ≤ 4096"),
+                                        ({"steps": 0}, "'steps' of the protocol must be ≥ 1"),
+                                        ({"lr": -1.0}, "'lr' of the protocol must be ≥ 0"),
+                                        ({"lr": float("nan")}, "finite"),
+                                        ({"reset": "sometimes"}, "'reset' of the protocol must be one of"),
+                                        ({"optimizer": "lbfgs"}, "'optimizer' of the protocol must be one of"),
+                                        ({"warmup": 3}, "unknown option")])
+def test_protocol_rejects_bad_values_naming_the_knob(bad, match):
     with pytest.raises(ValueError, match=match):
-        RunConfig(**bad).validate()
-    RunConfig(lr=1e-3, steps=1, batch_size=1).validate()
+        Protocol.build(bad)
+    assert Protocol.build({"lr": 1e-3, "steps": 1, "batch_size": 1}).lr == 1e-3
+
+
+def test_run_config_validates_seed_and_method_options():
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        RunConfig(seed="x").validate()
+    with pytest.raises(ValueError, match="unknown method"):
+        RunConfig(method="magic").validate()
+    with pytest.raises(ValueError, match="'lambda_a' of method 'rest' must be ≥ 0"):
+        RunConfig(method="rest", method_options={"lambda_a": -1.0}).validate()
+    RunConfig(method="rest", method_options={"lambda_a": 0.3}).validate()
+
+
+def test_settings_parse_by_declared_type_before_any_work():
+    from qshift.engine import parse_settings
+
+    cfg = parse_settings("rest", ["lr=1e-3", "steps=1", "seed=2", "consistency=off", "decoupling=false",
+                                  "lambda_a=1", "optimizer=sgd"])
+    assert cfg.protocol.lr == 1e-3 and cfg.protocol.steps == 1 and cfg.protocol.optimizer == "sgd" and cfg.seed == 2
+    # a string option keeps the word (YAML 1.1 would read "off" as False); a float option reads "1" as 1.0
+    assert cfg.method_options == {"consistency": "off", "decoupling": False, "lambda_a": 1.0}
+    for bad, match in ((["lambda_zz=1"], "unknown setting 'lambda_zz'"), (["decoupling=maybe"], "true or false"),
+                       (["lr=fast"], "'lr' of the protocol expects a number"), (["steps"], "key=value"),
+                       (["consistency=sideways"], "must be one of")):
+        with pytest.raises(ValueError, match=match):
+            parse_settings("rest", bad)
+
+
+def test_options_are_declared_once_and_rest_extends_tcr():
+    from qshift.methods.base import method_class
+
+    tcr, rest = method_class("tcr").Options, method_class("rest").Options
+    assert set(tcr.names()) < set(rest.names())
+    assert rest.defaults()["lambda_a"] == 0.1 and tcr.defaults()["tau"] == 0.02
+    # the defaults a method runs with are its declaration's: nothing else holds a copy
+    rm_defaults = resolved_options("rest")
+    assert rm_defaults == rest.defaults()
+    for row in rest.describe():
+        assert row["help"], f"option {row['name']} has no help line"
 
 
 ADAPTING = ["tent", "eta", "sar", "shot-im", "read", "deyo", "tcr", "rest", "oracle"]
@@ -450,3 +496,14 @@ def test_saved_state_resumes_the_stream_exactly(stream_parts, tiny_model, name):
     resumed.load_state_dict(state)
     torch.testing.assert_close(resumed.adapt_batch(imgs[16:], labels=ids[16:])[0], go_on, rtol=0, atol=0)
     tiny_model.load_state_dict(source)
+
+
+def test_docs_options_tables_are_generated_from_the_declarations():
+    from pathlib import Path
+
+    from qshift.methods.catalog import DOCS_END, DOCS_START, docs_block
+
+    text = (Path(__file__).parents[1] / "docs" / "methods.md").read_text()
+    block = text[text.index(DOCS_START):text.index(DOCS_END) + len(DOCS_END)]
+    assert block == docs_block(), "docs/methods.md is stale: run `qshift methods --markdown` and paste its block"
+    assert "`lambda_a` | float | `0.1`" in block and "`scoring` | str | `tcr`" in block

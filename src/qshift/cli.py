@@ -13,11 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 
 import qshift
+from qshift.options import Protocol
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Online test-time adaptation for cross-modal retrieval under query shift.")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error line, never wrapped mid-path
 
 
 def _error(message: object) -> None:
@@ -151,26 +152,6 @@ def _print_rows(rows, title: str, t0: float) -> None:
     console.print(f"[dim]{time.time() - t0:.1f}s · recalls and mAP in percent · any-positive Recall@K[/dim]")
 
 
-def _parse_value(text: str):
-    """A --set value: int, float (``1e-3`` too), true / false, none, a YAML list or mapping, else the string
-    itself (so ``consistency=off`` stays the word "off", which YAML 1.1 would read as False)."""
-    import yaml
-
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    if text.strip()[:1] in ("[", "{"):
-        return yaml.safe_load(text)
-    return text
-
-
 def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],
                     data_root: Optional[Path], annotation: Optional[Path], device: str, preprocess: str,
                     shift_seed: int, progress: bool):
@@ -214,21 +195,13 @@ def run_cmd(
     preprocess: PreprocessOpt = "model",
 ) -> None:
     """Run one method online over one benchmark stream and report online R@1/5/10 and mAP."""
-    from dataclasses import fields
+    from qshift.engine import parse_settings, run_online
 
-    from qshift.engine import RunConfig, run_online
-
-    protocol = {f.name for f in fields(RunConfig)} - {"method", "method_options"}
-    cfg = RunConfig(method=method)
-    for item in set_ or []:
-        if "=" not in item:
-            _error(f"--set expects key=value, got {item!r}")
-            raise typer.Exit(2)
-        key, value = item.split("=", 1)
-        if key in protocol:
-            setattr(cfg, key, _parse_value(value))
-        else:
-            cfg.method_options[key] = _parse_value(value)
+    try:
+        cfg = parse_settings(method, set_ or [])
+    except ValueError as e:
+        _error(e)
+        raise typer.Exit(2)
     try:
         task, rmodel = _task_and_model(benchmark, model, Path(weights) if weights and model == "world" else weights,
                                        dataset, data_root, annotation, device, preprocess, shift_seed, not as_json)
@@ -257,7 +230,7 @@ def run_cmd(
         table.add_row(dom, *(f"{m[k]:.1f}" for k in ("R@1", "R@5", "R@10", "mAP")))
     console.print(table)
     c = result.config
-    console.print(f"protocol: B = {c['batch_size']}, {c['steps']} inner steps, AdamW lr {c['lr']:g}, weight decay "
+    console.print(f"protocol: B = {c['batch_size']}, {c['steps']} inner steps, {c['optimizer']} lr {c['lr']:g}, weight decay "
                   f"{c['weight_decay']:g}, scoring {c['scoring']}, reset {c['reset']}, query order seed {c['seed']}",
                   markup=False, highlight=False)
     if result.forgetting is not None:
@@ -363,7 +336,7 @@ def bench_cmd(
                 if not sep or key not in G.PROTOCOL_KEYS:
                     raise ValueError(f"--protocol expects key=value with key one of {', '.join(G.PROTOCOL_KEYS)}; "
                                      f"got {item!r}")
-                overrides[key] = _parse_value(value)
+                overrides[key] = Protocol.parse_value(key, value)
             spec.protocol = {**spec.protocol, **overrides}
         cells = G.plan(spec, only)
     except (ValueError, FileNotFoundError) as e:
@@ -466,6 +439,48 @@ def demo_cmd(
                   "the shift moves queries away from the gallery (gap, consistency) at the source model.")
     console.print("Full grid (every method on the 16 severity-5 corruptions and level-6 typos, plus diverse streams): "
                   "qshift bench --preset world-readme --out runs/readme && qshift report runs/readme")
+
+
+@app.command("methods")
+def methods_cmd(
+    name: Annotated[Optional[str], typer.Argument(help="One method (default: the protocol and every method).")]
+    = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print docs/methods.md's generated block.")] = False,
+) -> None:
+    """Every method with its options (name, type, default, allowed values, what it does), and the protocol."""
+    from qshift.methods.base import method_class
+    from qshift.methods.catalog import docs_block, summary
+    if markdown:
+        typer.echo(docs_block())
+        return
+    try:
+        names = [name] if name else None
+        if names:
+            method_class(name)
+    except ValueError as e:
+        _error(e)
+        raise typer.Exit(2)
+    from qshift.methods import available_methods
+
+    if names is None:
+        console.print("[bold]protocol[/bold] (every method)")
+        _print_options(Protocol)
+    for n in names or available_methods():
+        console.print(f"\n[bold]{n}[/bold]: {escape(summary(n))}", highlight=False)
+        opts = method_class(n).Options
+        if opts.names():
+            _print_options(opts)
+        else:
+            console.print("  no options of its own")
+
+
+def _print_options(opts) -> None:
+    table = Table(show_edge=False)
+    for col in ("option", "type", "default", "allowed", "what it does"):
+        table.add_column(col, overflow="fold")
+    for r in opts.describe():
+        table.add_row(r["name"], r["kind"], repr(r["default"]), r["allowed"].replace("`", ""), r["help"])
+    console.print(table)
 
 
 shifts_app = typer.Typer(no_args_is_help=True, help="List and preview the query shifts and benchmarks.")

@@ -22,48 +22,66 @@ from tqdm.auto import tqdm
 import qshift
 from qshift.atomic import write_text_atomic
 from qshift.methods import create
-from qshift.methods.base import resolved_options
-from qshift.models.protocol import DEFAULT_LR, RetrievalModel, default_lr  # noqa: F401 (re-exported)
+from qshift.methods.base import method_class, method_options, resolved_options
+from qshift.models.protocol import RetrievalModel, default_lr
+from qshift.options import Protocol, parse_text
 from qshift.retrieval.encode import encode_batched
 from qshift.retrieval.metrics import per_query_ranks_and_ap, summarise
 
-RESETS = ("never", "episodic", "reset_each_domain")
 @dataclass
 class RunConfig:
-    """The protocol knobs of one online run."""
+    """One online run: a method with its own options, under a protocol (:class:`qshift.options.Protocol`),
+    with one seed for the query order and the method's randomness."""
 
     method: str = "source"
-    batch_size: int = 64
-    steps: int = 3
-    lr: float | None = None
-    weight_decay: float = 1e-4
-    scoring: str = "tcr"
-    reset: str = "never"
+    protocol: Protocol = field(default_factory=Protocol)
     seed: int = 0
     method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
+        """Fail before any work: an unknown method, a mistyped option or knob names itself."""
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.protocol, Protocol):
+            raise TypeError(f"protocol must be a qshift.options.Protocol, got {type(self.protocol).__name__}")
+        method_options(self.method, self.method_options)
 
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+    def record(self, model: RetrievalModel) -> dict[str, Any]:
+        """What a result file records of its config: the protocol's knobs flat, the learning rate resolved
+        for ``model``, and the method's options resolved."""
+        return {"method": self.method, **self.protocol.with_lr(default_lr(model)).as_dict(), "seed": self.seed,
+                "method_options": dict(self.method_options), "lr_default": default_lr(model),
+                "method_resolved": resolved_options(self.method, self.method_options)}
 
-        for key, check, kind in (("batch_size", is_int, "an integer"), ("steps", is_int, "an integer"),
-                                 ("seed", is_int, "an integer"), ("weight_decay", is_num, "a number"),
-                                 ("lr", lambda v: v is None or is_num(v), "a number")):
-            if not check(getattr(self, key)):
-                raise ValueError(f"{key} must be {kind}, got {getattr(self, key)!r}")
-        if self.lr is not None and self.lr < 0:
-            raise ValueError(f"lr must be non-negative, got {self.lr}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if not isinstance(self.scoring, str):
-            raise ValueError(f"scoring must be a string, got {self.scoring!r}")
-        if self.reset not in RESETS:
-            raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+def parse_settings(method: str, settings: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A :class:`RunConfig` for ``method`` from ``key=value`` strings (the CLI's ``--set``): protocol knobs,
+    ``seed``, or the method's own options, each value read as its declared type and validated here, before
+    any data is built."""
+    cls = method_class(method)
+    knobs: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    seed = 0
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        if key == "seed":
+            seed = parse_text(text, "int")
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"seed must be an integer, got {text!r}")
+        elif key in Protocol.names():
+            knobs[key] = Protocol.parse_value(key, text)
+        elif key in cls.Options.names():
+            options[key] = cls.Options.parse_value(key, text)
+        else:
+            raise ValueError(f"unknown setting {key!r} for method {method!r}; protocol knobs: "
+                             f"{', '.join(Protocol.names())}, seed; method options: "
+                             f"{', '.join(cls.Options.names()) or 'none'}")
+    cfg = RunConfig(method, Protocol.build(knobs), seed, options)
+    cfg.validate()
+    return cfg
 
 
 @dataclass
@@ -168,10 +186,9 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         gallery = gallery_embeddings.detach()
     else:
         gallery = encode_batched(model.encode_gallery, task.gallery, 256, desc="gallery", progress=False)
-    lr = cfg.lr if cfg.lr is not None else default_lr(model)
-    method = create(cfg.method, model, gallery, steps=cfg.steps, lr=lr, weight_decay=cfg.weight_decay,
-                    scoring=cfg.scoring, gallery_ids=gallery_ids.to(gallery.device), **cfg.method_options)
-    stream = task.stream(batch_size=cfg.batch_size, seed=cfg.seed)
+    method = create(cfg.method, model, gallery, protocol=cfg.protocol, gallery_ids=gallery_ids.to(gallery.device),
+                    **cfg.method_options)
+    stream = task.stream(batch_size=cfg.protocol.batch_size, seed=cfg.seed)
     sequential = stream.kind == "sequential"
     clean = getattr(task, "clean_queries", None)
     source_clean = _probe(method, clean, gallery_ids) if (clean is not None and sequential) else None
@@ -185,9 +202,9 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         if sequential and prev_domain is not None and dom != prev_domain:
             if source_clean is not None:
                 forgetting_curve.append({"after": prev_domain, **_delta(_probe(method, clean, gallery_ids), source_clean)})
-            if cfg.reset == "reset_each_domain":
+            if cfg.protocol.reset == "reset_each_domain":
                 method.reset()
-        if cfg.reset == "episodic":
+        if cfg.protocol.reset == "episodic":
             method.reset()
         prev_domain = dom
         labels = torch.as_tensor(batch.ids)
@@ -221,7 +238,7 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     adapted, total = _count(model)
     return RunResult(
         benchmark=task.name, direction=task.direction,
-        config={**asdict(cfg), "lr": lr, "lr_default": default_lr(model), "method_resolved": resolved_options(cfg.method, cfg.method_options)},
+        config=cfg.record(model),
         metrics=metrics, per_domain=per_domain,
         source_clean=source_clean, forgetting=forgetting, batches=batches,
         n_queries=int(ranks_t.numel()), n_gallery=int(len(gallery_ids)),

@@ -1,9 +1,10 @@
 """Grids of methods × benchmarks × seeds (``qshift bench``): validated spec, presets, resumable runner.
 
-Each cell is one online run saved as ``<out>/cells/<benchmark>/<method label>/seed<k>.json``
-(written atomically).  A finished cell is skipped on re-run, so an interrupted grid resumes; a cell
-that fails is recorded in ``seed<k>.error.json`` with its traceback and the grid goes on (the error
-file is removed when the cell later succeeds).
+Each cell is one online run saved as ``<out>/cells/<benchmark>/<method label>/seed<k>.json.gz``
+(written atomically) and summarised in the grid's index ``<out>/cells.jsonl`` (see
+:mod:`qshift.bench.store`).  A finished cell is skipped on re-run, so an interrupted grid resumes; a
+cell that fails is recorded in ``seed<k>.error.json`` with its traceback and the grid goes on (the
+error file is removed when the cell later succeeds).
 """
 from __future__ import annotations
 
@@ -21,8 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from qshift.atomic import write_text_atomic
+from qshift.methods import available_methods
+from qshift.methods.base import method_options, resolved_options
+from qshift.models.protocol import default_lr
+from qshift.options import Protocol, split_protocol
 
-PROTOCOL_KEYS = ("batch_size", "steps", "lr", "weight_decay", "scoring", "reset")
+#: the knobs a grid's ``protocol:`` (or a method row's options) may set: the fields of the one protocol structure
+PROTOCOL_KEYS = Protocol.names()
 BASELINES = ("source", "tent", "eta", "sar", "shot-im", "read", "deyo", "tcr", "rest")
 
 
@@ -63,6 +69,7 @@ class GridSpec(BaseModel):
         bad = set(v) - set(PROTOCOL_KEYS)
         if bad:
             raise ValueError(f"unknown protocol key(s) {sorted(bad)}; allowed: {PROTOCOL_KEYS}")
+        Protocol.build(v)
         return v
 
     def expanded_benchmarks(self) -> list[str]:
@@ -79,25 +86,18 @@ class GridSpec(BaseModel):
         return out
 
     def validate_methods(self) -> None:
-        from qshift.methods import available_methods
-
-        from qshift.methods.base import _REGISTRY, check_option_types
-
+        """Fail before the first cell, not hours into a grid: every row's method, options and protocol."""
         known = set(available_methods())
         for m in self.methods:
             if m.name not in known:
                 raise ValueError(f"unknown method {m.name!r} in grid; available: {', '.join(sorted(known))}")
-            # fail before the first cell, not hours into a grid
-            allowed = set(_REGISTRY[m.name].option_names()) | set(PROTOCOL_KEYS) | {"optimizer", "momentum"}
-            unknown = set(m.options) - allowed
-            if unknown:
-                raise ValueError(f"unknown option(s) {sorted(unknown)} for method {m.name!r} ({m.key!r}) in grid; "
-                                 f"known: {sorted(allowed)}")
-            check_option_types(m.name, {k: v for k, v in m.options.items() if k not in PROTOCOL_KEYS})
-            from qshift.engine import RunConfig
-
             try:
-                RunConfig(method=m.name, **_protocol_of(self, m)).validate()
+                method_options(m.name, _own_options(m))
+            except ValueError as e:
+                raise ValueError(f"method row {m.key!r} in grid: {e} (protocol knobs: {', '.join(PROTOCOL_KEYS)})") \
+                    from e
+            try:
+                Protocol.build(_protocol_of(self, m))
             except ValueError as e:
                 raise ValueError(f"protocol of method row {m.key!r} in grid: {e}") from e
         labels = [m.key for m in self.methods]
@@ -210,7 +210,10 @@ def _exponent_floats(obj: Any) -> Any:
 
 
 def cell_path(out: Path, benchmark: str, label: str, seed: int) -> Path:
-    return Path(out) / "cells" / benchmark.replace("/", "__") / label / f"seed{seed}.json"
+    """Where a cell's full result is written (compressed; :func:`qshift.bench.store.cell_path`)."""
+    from qshift.bench import store
+
+    return store.cell_path(out, benchmark, label, seed)
 
 
 def plan(spec: GridSpec, only: dict[str, list[str]] | None = None) -> list[tuple[str, MethodSpec, int]]:
@@ -244,18 +247,20 @@ def model_identity(weights: str | Path | None) -> dict[str, Any]:
             "render_size": world.RENDER_SIZE, **world.world_variant()}
 
 
-def _finished(path: Path, expected: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
-              protocol: dict[str, Any] | None = None) -> bool:
+def _finished(cell: Path | dict[str, Any] | None, expected: dict[str, Any] | None = None,
+              model: dict[str, Any] | None = None, protocol: dict[str, Any] | None = None) -> bool:
     """A cell is finished when its JSON holds metrics, was made with the same world model and world
     (``model``: a cell without that record predates it and is stale), and — where it recorded them —
     the method options it resolved to are the ones this code would use now (a changed default makes
     the cell stale) and the protocol it ran under is the grid's now (``protocol``, from
-    ``_expected_protocol``: a grid whose lr, steps, … or query subsample changed reruns its cells)."""
-    try:
-        payload = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    if "metrics" not in payload:
+    ``_expected_protocol``: a grid whose lr, steps, … or query subsample changed reruns its cells).
+
+    ``cell``: a cell's record as the store gives it, or its path (read with
+    :func:`qshift.bench.store.get_cell`: the full file, else the grid folder's index line)."""
+    from qshift.bench import store
+
+    payload = store.get_cell(cell) if isinstance(cell, (str, Path)) else cell
+    if not payload or "metrics" not in payload:
         return False
     if model is not None and payload.get("model") != model:
         return False
@@ -274,28 +279,29 @@ def _finished(path: Path, expected: dict[str, Any] | None = None, model: dict[st
 
 def _protocol_of(spec: "GridSpec", m: "MethodSpec") -> dict[str, Any]:
     """The protocol knobs a cell of method row ``m`` runs with: the grid's, then the row's own overrides."""
-    return {**spec.protocol, **{k: v for k, v in m.options.items() if k in PROTOCOL_KEYS}}
+    return {**spec.protocol, **split_protocol(m.options)[0]}
 
 
-def _expected_protocol(spec: "GridSpec", m: "MethodSpec") -> dict[str, Any]:
-    """What a finished cell of ``m`` must have recorded of its protocol (RunConfig defaults filled in)."""
-    from dataclasses import fields
+def _own_options(m: "MethodSpec") -> dict[str, Any]:
+    """Method row ``m``'s own options (its protocol overrides left out)."""
+    return split_protocol(m.options)[1]
 
-    from qshift.engine import RunConfig
 
-    from qshift.models.world_model import WORLD_LR
+def cell_protocol(spec: "GridSpec", m: "MethodSpec") -> Protocol:
+    """The protocol structure a cell of method row ``m`` runs under."""
+    return Protocol.build(_protocol_of(spec, m))
 
-    defaults = {f.name: f.default for f in fields(RunConfig) if f.name in PROTOCOL_KEYS}
-    config = {**defaults, **_protocol_of(spec, m)}
-    if config.get("lr") is None:  # grid cells run the world model: its protocol rate, so a cell made under
-        config["lr"] = WORLD_LR   # another default (3e-4 before) is stale, not silently reused
-    return {"config": config, "max_queries": spec.max_queries,
+
+def _expected_protocol(spec: "GridSpec", m: "MethodSpec", lr_default: float) -> dict[str, Any]:
+    """What a finished cell of ``m`` must have recorded of its protocol: every knob, the learning rate
+    resolved with the grid model's protocol rate ``lr_default`` (so a cell made under another default is
+    stale, not silently reused)."""
+    return {"config": cell_protocol(spec, m).with_lr(lr_default).as_dict(), "max_queries": spec.max_queries,
             "grid_shift_seed": spec.shift_seed}
 
 
 def _expected_options(m: "MethodSpec") -> dict[str, Any]:
-    from qshift.methods.base import resolved_options
-    return resolved_options(m.name, {k: v for k, v in m.options.items() if k not in PROTOCOL_KEYS})
+    return resolved_options(m.name, _own_options(m))
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
@@ -316,28 +322,30 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
     out.mkdir(parents=True, exist_ok=True)
     cells = plan(spec, only)
     _atomic_json(out / "grid.json", {"spec": spec.model_dump(), "only": only or {}, "cells": len(cells)})
+    from qshift.bench import store
+
     todo, stale = [], 0
     model_id = model_identity(spec.weights)
+    encoder = load_world_model(spec.weights)
+    lr_default = default_lr(WorldRetrievalModel(encoder, "image"))
     for c in cells:
-        p = cell_path(out, c[0], c[1].key, c[2])
-        if not _finished(p, _expected_options(c[1]), model_id, _expected_protocol(spec, c[1])):
+        rec = store.get_cell(cell_path(out, c[0], c[1].key, c[2]))  # full cell, else its index line
+        if not _finished(rec, _expected_options(c[1]), model_id, _expected_protocol(spec, c[1], lr_default)):
             todo.append(c)
-            stale += p.is_file() and _finished(p)
+            stale += _finished(rec)
     counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "done": 0, "failed": 0, "stale": stale}
     if stale:
         log(f"{stale} finished cell(s) ran with another world model, other method defaults or another protocol; "
             "rerunning them")
     if counts["skipped"]:
         log(f"resuming: {counts['skipped']} of {len(cells)} cells already finished")
-    encoder = load_world_model(spec.weights)
     source_state = {k: v.clone() for k, v in encoder.state_dict().items()}
     task_cache: dict[str, Any] = {}
     gallery_cache: dict[tuple[str, str], Any] = {}  # the frozen gallery tower's embeddings, per gallery
     bar = tqdm(todo, desc="grid", unit="cell", disable=not progress)
     for bench, m, seed in bar:
         bar.set_postfix_str(f"{m.key} · {bench}")
-        path = cell_path(out, bench, m.key, seed)
-        err_path = path.with_suffix(".error.json")
+        err_path = store.error_path(out, bench, m.key, seed)
         t0 = time.perf_counter()
         try:
             if bench not in task_cache:
@@ -353,22 +361,25 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
             if gkey not in gallery_cache:
                 gallery_cache[gkey] = encode_batched(model.encode_gallery, task.gallery, 256)
             # a method row may override protocol knobs (e.g. its own lr)
-            opts = {k: v for k, v in m.options.items() if k not in PROTOCOL_KEYS}
-            cfg = RunConfig(method=m.name, seed=seed, method_options=opts, **_protocol_of(spec, m))
+            cfg = RunConfig(method=m.name, protocol=cell_protocol(spec, m), seed=seed, method_options=_own_options(m))
             result = run_online(model, task, cfg, progress=False, gallery_embeddings=gallery_cache[gkey])
             payload = result.as_json()
             payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "max_queries": spec.max_queries,
                             "model": model_id})
-            _atomic_json(path, payload)
+            store.write_cell(out, bench, m.key, seed, payload)
             err_path.unlink(missing_ok=True)
             counts["done"] += 1
+            if counts["done"] % 25 == 0:  # the index (kept in git) follows the run, not only its end
+                store.write_index(out)
         except KeyboardInterrupt:
+            store.write_index(out)
             raise
         except Exception as e:  # record and go on
             counts["failed"] += 1
             _atomic_json(err_path, {"benchmark": bench, "label": m.key, "seed": seed, "error": repr(e),
                                     "traceback": traceback.format_exc(), "seconds": time.perf_counter() - t0})
             log(f"cell failed: {m.key} on {bench} (seed {seed}): {e!r} → {err_path}")
+    store.write_index(out)
     encoder.load_state_dict(source_state)
     for bench in spec.diagnostics:
         dpath = out / "diagnostics" / f"{bench.replace('/', '__')}.json"
@@ -429,13 +440,11 @@ def restamp_cells(out: str | Path, patterns: list[str], verify: int = 2, seed: i
     if verify < 1:
         raise ValueError("verify must be at least 1: restamping without a verification proves nothing")
     out = Path(out)
+    from qshift.bench import store
+
     current = model_identity(weights)
     candidates = []
-    for path in sorted((out / "cells").glob("*/*/seed*.json")):
-        try:
-            payload = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for path, payload in store.iter_cell_files(out):  # full cells, and index lines of cells without one
         if "metrics" not in payload or payload.get("model") in (None, current):
             continue
         if from_sha and not str(payload["model"].get("weights_sha256", "")).startswith(from_sha):
@@ -465,9 +474,11 @@ def restamp_cells(out: str | Path, patterns: list[str], verify: int = 2, seed: i
             rerun_path = cell_path(tmp, payload["benchmark"], spec.methods[0].key, cfg["seed"])
             if counts["failed"] or not rerun_path.is_file():
                 raise RuntimeError(f"verification run of {path} failed")
-            rerun = json.loads(rerun_path.read_text())
+            rerun = store.read_cell(rerun_path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if payload.get("_source") == store.INDEX_SOURCE:  # an index line holds of the batches only their trace
+            rerun = store.from_index_record(store.to_index_record(rerun))
         if _comparable(rerun) != _comparable(payload):
             log(f"{path}: the current model gives different results (R@1 {rerun['metrics'].get('R@1')} vs "
                 f"{payload['metrics'].get('R@1')}); nothing restamped")
@@ -478,5 +489,7 @@ def restamp_cells(out: str | Path, patterns: list[str], verify: int = 2, seed: i
         payload["restamped"] = {"from": payload["model"], "verified_by": verified, "patterns": patterns,
                                 "date": time.strftime("%Y-%m-%d")}
         payload["model"] = current
-        _atomic_json(path, payload)
+        if payload.get("_source") != store.INDEX_SOURCE:
+            store.write_cell_at(path, payload)
+    store.write_index(out, [p for _, p in candidates if p.get("_source") == store.INDEX_SOURCE])
     return {"restamped": len(candidates), "verified_by": verified, "candidates": len(candidates)}

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from qshift.atomic import save_figure_atomic, write_text_atomic
+from qshift.models.world_model import WorldRetrievalModel
+from qshift.options import Protocol
 
 METHOD_ORDER = ("source", "tent", "eta", "eata", "sar", "shot-im", "read", "deyo", "tcr", "rest", "oracle")
 README_START, README_END = "<!-- qshift-grid:start -->", "<!-- qshift-grid:end -->"
@@ -73,26 +75,22 @@ def current_model(out: str | Path) -> dict | None:
 
 
 def load_cells(out: str | Path, model: dict | None | str = "current", excluded: list | None = None) -> list[Cell]:
-    """Every finished cell of a grid folder (error files and temporaries are ignored).
+    """Every finished cell of a grid folder (error files and temporaries are ignored): its full cells
+    under ``cells/`` and, for cells without one (a fresh clone), the lines of its index ``cells.jsonl``
+    (:mod:`qshift.bench.store`; both give the same tables and plots).
 
     ``model``: keep only cells made with this world-model identity — by default the one the grid's
     ``grid.json`` names now, so a table never mixes cells of two models; None keeps every cell. The
     paths of the cells left out are appended to ``excluded`` when it is given."""
-    root = Path(out) / "cells"
-    if not root.is_dir():
-        raise FileNotFoundError(f"no grid results under {root}; run `qshift bench` first")
+    from qshift.bench import store
+
+    if not store.has_cells(out):
+        raise FileNotFoundError(f"no grid results under {Path(out) / 'cells'} (nor {store.index_path(out)}); "
+                                "run `qshift bench` first")
     if model == "current":
         model = current_model(out)
     cells = []
-    for path in sorted(root.glob("*/*/seed*.json")):
-        if path.name.endswith(".error.json"):
-            continue
-        try:
-            d = json.loads(path.read_text())
-        except ValueError:
-            continue
-        if "metrics" not in d:
-            continue
+    for path, d in store.iter_cell_files(out):
         if model is not None and d.get("model") != model:
             if excluded is not None:
                 excluded.append(path)
@@ -103,29 +101,37 @@ def load_cells(out: str | Path, model: dict | None | str = "current", excluded: 
     return cells
 
 
-_KNOB_DEFAULTS = {"batch_size": 64, "steps": 3, "weight_decay": 1e-4, "scoring": "tcr", "reset": "never"}
-
-
 def _cell_protocol(d: dict) -> dict:
     cfg = d.get("config", {})
-    out = {k: cfg[k] for k in (*_KNOB_DEFAULTS, "lr") if k in cfg}
+    out = {k: cfg[k] for k in Protocol.names() if k in cfg}
+    out["lr_default"] = cfg.get("lr_default", legacy_lr_default(d))
     out["direction"] = d.get("direction")
     out["max_queries"] = d.get("max_queries")
     out["n_queries"] = d.get("n_queries")
     return out
 
 
-def protocol_deviations(protocol: dict) -> dict:
-    """The knobs of a cell's recorded protocol that differ from the defaults (METHOD.md §2, with the
-    embedded world model's own learning rate, ``WORLD_LR``)."""
-    from qshift.models.world_model import WORLD_LR
+def legacy_lr_default(d: dict) -> float | None:
+    """The protocol learning rate of a cell that predates recording it (``config.lr_default``): such
+    cells all ran the embedded world model, whose rate is its adapter's ``default_lr``."""
+    return WorldRetrievalModel.default_lr if (d.get("model") or {}).get("world_version") is not None else None
 
-    dev = {k: protocol[k] for k, v in _KNOB_DEFAULTS.items() if k in protocol and protocol[k] != v}
-    lr = protocol.get("lr")
-    default_lr = WORLD_LR  # grid cells run the embedded world model
-    if lr is not None and not math.isclose(lr, default_lr, rel_tol=1e-9):
+
+def protocol_deviations(protocol: dict) -> dict:
+    """The knobs of a cell's recorded protocol that differ from the defaults (:class:`qshift.options.Protocol`,
+    the learning rate against the backbone's own protocol rate that the cell recorded)."""
+    dev = {k: protocol[k] for k, v in Protocol.defaults().items()
+           if k != "lr" and k in protocol and protocol[k] != v}
+    lr, default = protocol.get("lr"), protocol.get("lr_default")
+    if lr is not None and (default is None or not math.isclose(lr, default, rel_tol=1e-9)):
         dev["lr"] = lr
     return dev
+
+
+def _defaults_line() -> str:
+    d = Protocol.defaults()
+    return (f"B = {d['batch_size']}, {d['steps']} inner steps, {d['optimizer']} with weight decay {d['weight_decay']:g}, "
+            f"scoring `{d['scoring']}`, reset `{d['reset']}`, lr: each backbone's protocol rate")
 
 
 def _n_cells(n: int) -> str:
@@ -140,9 +146,9 @@ def protocol_notes(cells: list[Cell]) -> list[str]:
         groups[tuple(sorted(protocol_deviations(c.protocol).items()))].append(c)
     lines = []
     if set(groups) == {()}:
-        lines.append("Protocol: the defaults in every cell (METHOD.md §2: B = 64, 3 inner steps, AdamW with weight "
-                     "decay 1e-4, scoring `tcr`, reset `never`; lr 1e-3, the embedded world model's rate — "
-                     "docs/world.md).")
+        rates = sorted({c.protocol.get("lr") for c in cells if c.protocol.get("lr") is not None})
+        lr = f" (here lr {', '.join(f'{r:g}' for r in rates)})" if rates else ""
+        lines.append(f"Protocol: the defaults in every cell (docs/method.md §2: {_defaults_line()}{lr}).")
     else:
         n_dev = sum(len(v) for k, v in groups.items() if k)
         parts = []
@@ -152,7 +158,7 @@ def protocol_notes(cells: list[Cell]) -> list[str]:
             labels = _order({c.label for c in group})
             knobs = ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in dev)
             parts.append(f"{knobs} ({_n_cells(len(group))}: {', '.join(labels)})")
-        lines.append(f"**Protocol differs from the defaults (METHOD.md §2; lr 1e-3 for the world model) in {n_dev} "
+        lines.append(f"**Protocol differs from the defaults (docs/method.md §2: {_defaults_line()}) in {n_dev} "
                      f"of {len(cells)} cells**: " + "; ".join(parts)
                      + (f". The other {_n_cells(len(groups[()]))} use its defaults." if () in groups else "."))
     cut = defaultdict(int)
@@ -168,7 +174,10 @@ def protocol_notes(cells: list[Cell]) -> list[str]:
 
 
 def load_errors(out: str | Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / "cells").glob("*/*/seed*.error.json"))]
+    """The records of a grid folder's failed cells (``cells/*/*/seed<k>.error.json``)."""
+    from qshift.bench import store
+
+    return [d for _, d in store.iter_errors(out)]
 
 
 def _order(labels) -> list[str]:

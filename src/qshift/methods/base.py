@@ -9,7 +9,7 @@ REST, ``gradients``).  Protocol concerns — streams, resets at domain boundarie
 from __future__ import annotations
 
 import copy
-import inspect
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +18,11 @@ from typing import Any, ClassVar
 import torch
 
 from qshift.models.protocol import RetrievalModel, default_lr
+from qshift.options import SCORING_MODES, Options, Protocol, split_protocol
 
-SCORING_MODES = ("pre", "tcr", "post")
+__all__ = ["Method", "StepOutput", "SCORING_MODES", "available_methods", "create", "method_class", "method_options",
+           "register", "resolved_options"]
+
 _REGISTRY: dict[str, type["Method"]] = {}
 
 
@@ -29,6 +32,9 @@ def register(name: str) -> Callable[[type["Method"]], type["Method"]]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         cls.name = name
+        # each method's own copy of its option structure, so errors and docs name the method
+        cls.Options = dataclasses.make_dataclass(f"{cls.__name__}Options", [], bases=(cls.Options,), frozen=True,
+                                                 namespace={"owner": f"method {name!r}"})
         _REGISTRY[name] = cls
         return cls
     return wrap
@@ -38,54 +44,36 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, model: RetrievalModel, gallery: torch.Tensor, **config: Any) -> "Method":
-    """Build method ``name`` for ``model`` against the frozen, normalised ``gallery`` [N, d]."""
-    import qshift.methods  # noqa: F401  (registers the built-in methods)
-
+def method_class(name: str) -> type["Method"]:
+    """The registered class of method ``name`` (``ValueError`` naming the known ones otherwise)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return _REGISTRY[name](model, gallery, **config)
+    return _REGISTRY[name]
+
+
+def create(name: str, model: RetrievalModel, gallery: torch.Tensor, *, protocol: Protocol | None = None,
+           **config: Any) -> "Method":
+    """Build method ``name`` for ``model`` against the frozen, normalised ``gallery`` [N, d].
+
+    ``config`` holds protocol knobs (``steps``, ``lr``, …, overriding ``protocol``) and the method's own
+    options, in one flat mapping (a library convenience; ``gallery_ids`` is passed through)."""
+    cls = method_class(name)
+    gallery_ids = config.pop("gallery_ids", None)
+    knobs, options = split_protocol(config)
+    base = protocol or Protocol()
+    return cls(model, gallery, protocol=base.replace(**knobs) if knobs else base, gallery_ids=gallery_ids,
+               **options)
+
+
+def method_options(name: str, options: dict[str, Any] | None = None) -> Options:
+    """The validated option structure of method ``name`` with ``options`` overlaid on its defaults."""
+    return method_class(name).Options.build(options)
 
 
 def resolved_options(name: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every method-specific option of ``name`` with its effective value: the ``setup`` defaults
-    (through the class hierarchy, e.g. REST's include TCR's) overlaid with ``options``.  Stored in
-    each result so that a run says exactly what it ran, and a grid can tell a stale cell."""
-    import qshift.methods  # noqa: F401
-
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    out: dict[str, Any] = {}
-    for klass in reversed(_REGISTRY[name].__mro__):
-        if "setup" in vars(klass):
-            for pname, prm in inspect.signature(vars(klass)["setup"]).parameters.items():
-                if prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY) and prm.default is not prm.empty:
-                    out[pname] = prm.default
-    out.update(options or {})
-    return out
-
-
-def check_option_types(name: str, options: dict[str, Any]) -> None:
-    """Reject an option value whose type cannot be what its ``setup`` default is (a string for a
-    number, a number for a switch), with the option's name, so a typo in ``--set`` or a grid file
-    fails at once instead of deep inside a loss."""
-    defaults = resolved_options(name) if name in _REGISTRY else {}
-    for key, value in options.items():
-        if key not in defaults or defaults[key] is None or value is None:
-            continue
-        d = defaults[key]
-        if isinstance(d, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(d, int):
-            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        elif isinstance(d, float):
-            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        elif isinstance(d, str):
-            ok, kind = isinstance(value, str), "a string"
-        else:
-            continue
-        if not ok:
-            raise ValueError(f"option {key!r} of method {name!r} expects {kind} (default {d!r}), got {value!r}")
+    """Every option of method ``name`` with its effective value (REST's include TCR's).  Stored in each
+    result so that a run says exactly what it ran, and a grid can tell a stale cell."""
+    return method_options(name, options).as_dict()
 
 
 @dataclass
@@ -102,48 +90,36 @@ class Method:
     """Base class: online adaptation of the query tower's adaptable parameters, batch by batch."""
 
     name: ClassVar[str] = "base"
+    #: the method's options: a frozen dataclass of :func:`qshift.options.option` fields (none by default)
+    Options: ClassVar[type[Options]] = Options
     adapts: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False
 
-    def __init__(self, model: RetrievalModel, gallery: torch.Tensor, *, steps: int = 3, lr: float | None = None,
-                 weight_decay: float = 1e-4, scoring: str = "tcr", gallery_ids: torch.Tensor | None = None,
-                 optimizer: str = "adamw", momentum: float = 0.9, **options: Any) -> None:
-        if scoring not in SCORING_MODES:
-            raise ValueError(f"scoring must be one of {SCORING_MODES}, got {scoring!r}")
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
+    def __init__(self, model: RetrievalModel, gallery: torch.Tensor, *, protocol: Protocol | None = None,
+                 gallery_ids: torch.Tensor | None = None, **options: Any) -> None:
+        protocol = protocol or Protocol()
         if gallery.ndim != 2:
             raise ValueError(f"gallery must be [N, d] embeddings, got shape {tuple(gallery.shape)}")
-        unknown = set(options) - set(self.option_names())
-        if unknown:
-            raise ValueError(f"unknown option(s) for method {self.name!r}: {sorted(unknown)}; "
-                             f"known: {sorted(self.option_names())}")
-        check_option_types(self.name, options)
+        self.opts = self.Options.build(options)
         self.model = model
         self.gallery = gallery.detach()
         self.gallery_ids = None if gallery_ids is None else torch.as_tensor(gallery_ids)
-        # None: the backbone's protocol rate (METHOD.md §2; the world model's 1e-3)
-        lr = default_lr(model) if lr is None else lr
-        self.steps, self.lr, self.weight_decay, self.scoring = steps, lr, weight_decay, scoring
+        self.protocol = protocol.with_lr(default_lr(model))  # unset: the backbone's protocol rate
+        self.steps, self.lr, self.weight_decay = self.protocol.steps, self.protocol.lr, self.protocol.weight_decay
+        self.scoring, self.optimizer_name, self.momentum = (self.protocol.scoring, self.protocol.optimizer,
+                                                            self.protocol.momentum)
         self.named_params = list(model.adaptable_parameters())
         self.params = [p for _, p in self.named_params]
         if self.adapts and not self.params:
             raise ValueError("the model exposes no adaptable parameters")
         self.source_state = [p.detach().clone() for p in self.params]
-        self.optimizer_name, self.momentum = optimizer, momentum
         self.optimizer = self._make_optimizer()
-        self.options = options
         self.batches_seen = 0
-        self.setup(**options)
+        self.setup()
 
     # ---------------------------------------------------------------- hooks for subclasses
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        """Method-specific keyword options accepted by ``setup``."""
-        return ()
-
-    def setup(self, **options: Any) -> None:
-        """Method-specific state (called once, and again by ``reset``)."""
+    def setup(self) -> None:
+        """Method-specific state from ``self.opts`` (called once, and again by ``reset``)."""
 
     def loss(self, z: torch.Tensor, sims: torch.Tensor, step: int, labels: torch.Tensor | None) -> StepOutput:
         raise NotImplementedError
@@ -162,9 +138,7 @@ class Method:
             return None
         if self.optimizer_name == "adamw":
             return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        raise ValueError(f"unknown optimizer {self.optimizer_name!r}; expected 'adamw' or 'sgd'")
+        return torch.optim.SGD(self.params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def scores(self, items: Any) -> torch.Tensor:
         """Query–gallery similarities of ``items`` under the current parameters (no adaptation)."""
@@ -245,7 +219,7 @@ class Method:
             p.copy_(s)
         self.optimizer = self._make_optimizer()
         self.batches_seen = 0
-        self.setup(**self.options)
+        self.setup()
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,8 @@ import torch
 
 from qshift.methods.base import Method, StepOutput, register
 from qshift.methods.objectives import softmax_entropy
+from qshift.methods.simple import TEMPERATURE_HELP
+from qshift.options import Options, option
 
 
 def take_items(items: Any, rows: torch.Tensor | np.ndarray | list[int]) -> Any:
@@ -67,14 +70,19 @@ class READ(Method):
     term is the entropy of the batch's mean prediction, which keeps predictions spread over the gallery.
     """
 
-    @classmethod
-    def option_names(cls):
-        return ("temperature", "gamma", "balance_weight")
+    @dataclass(frozen=True)
+    class Options(Options):
+        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
+        gamma: float = option(math.exp(-1), "confidence pivot γ: queries with top-1 probability above it are "
+                                            "sharpened, below it suppressed", minimum=0.0, maximum=1.0,
+                              exclusive_minimum=True)
+        balance_weight: float = option(1.0, "weight of the balance term (entropy of the mean prediction)")
 
-    def setup(self, temperature: float = 0.01, gamma: float = math.exp(-1), balance_weight: float = 1.0) -> None:
-        if not 0 < gamma < 1:
-            raise ValueError(f"gamma must be in (0, 1), got {gamma}")
-        self.temperature, self.gamma, self.balance_weight = temperature, gamma, balance_weight
+    def setup(self) -> None:
+        if self.opts.gamma >= 1:
+            raise ValueError(f"option 'gamma' of method 'read' must be in (0, 1), got {self.opts.gamma}")
+        self.temperature, self.gamma, self.balance_weight = self.opts.temperature, self.opts.gamma, \
+            self.opts.balance_weight
 
     def loss(self, z, sims, step, labels):
         p = (sims / self.temperature).softmax(1)
@@ -96,15 +104,21 @@ class DeYO(Method):
     are weighted by exp(E0 − H) + exp(PLPD), as in the paper.
     """
 
-    @classmethod
-    def option_names(cls):
-        return ("temperature", "e_margin", "plpd_threshold", "grid", "seed")
+    @dataclass(frozen=True)
+    class Options(Options):
+        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
+        e_margin: float = option(0.5, "entropy margin E0: below 1, a fraction of ln N; else an absolute entropy",
+                                 minimum=0.0)
+        plpd_threshold: float = option(0.2, "keep queries whose predicted item's probability drops by more than "
+                                            "this when the query is shuffled (PLPD)")
+        grid: int = option(4, "patch grid of the image shuffle (grid × grid patches)", minimum=1)
+        seed: int = option(0, "seed of the shuffles")
 
-    def setup(self, temperature: float = 0.01, e_margin: float = 0.5, plpd_threshold: float = 0.2,
-              grid: int = 4, seed: int = 0) -> None:
-        self.temperature, self.plpd_threshold, self.grid = temperature, plpd_threshold, grid
-        self.e0 = e_margin * math.log(self.gallery.shape[0]) if e_margin < 1.0 else e_margin
-        self.gen = torch.Generator().manual_seed(seed)
+    def setup(self) -> None:
+        o = self.opts
+        self.temperature, self.plpd_threshold, self.grid = o.temperature, o.plpd_threshold, o.grid
+        self.e0 = o.e_margin * math.log(self.gallery.shape[0]) if o.e_margin < 1.0 else o.e_margin
+        self.gen = torch.Generator().manual_seed(o.seed)
         self._shuffled_z: torch.Tensor | None = None
 
     def extra_state(self) -> dict:

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from qshift.methods.base import Method, StepOutput, register
 from qshift.methods.objectives import softmax_entropy
+from qshift.methods.simple import TEMPERATURE_HELP
+from qshift.options import Options, option
 
 log = logging.getLogger(__name__)
 
@@ -22,19 +26,25 @@ def _margin(e_margin: float, n: int) -> float:
 class ETA(Method):
     """ETA (Niu et al., ICML 2022): entropy of reliable, non-redundant queries, weighted by exp(E0 − H)."""
 
-    @classmethod
-    def option_names(cls):
-        return ("temperature", "e_margin", "d_margin", "fisher_items", "fisher_alpha")
+    @dataclass(frozen=True)
+    class Options(Options):
+        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
+        e_margin: float = option(0.4, "entropy margin E0: below 1, a fraction of ln N; else an absolute entropy",
+                                 minimum=0.0)
+        d_margin: float = option(0.05, "redundancy margin: drop queries whose prediction is this close (cosine) "
+                                       "to the running mean prediction", minimum=0.0)
+        fisher_items: Any = option(None, "EATA: clean queries for the Fisher anchor (library use: raw items)")
+        fisher_alpha: float = option(2000.0, "EATA: weight of the Fisher anchor", minimum=0.0)
 
-    def setup(self, temperature: float = 0.01, e_margin: float = 0.4, d_margin: float = 0.05,
-              fisher_items=None, fisher_alpha: float = 2000.0) -> None:
-        self.temperature, self.d_margin = temperature, d_margin
-        self.e0 = _margin(e_margin, self.gallery.shape[0])
+    def setup(self) -> None:
+        o = self.opts
+        self.temperature, self.d_margin = o.temperature, o.d_margin
+        self.e0 = _margin(o.e_margin, self.gallery.shape[0])
         self.mean_probs: torch.Tensor | None = None
         self.fisher: list[torch.Tensor] | None = None
-        self.fisher_alpha = fisher_alpha
-        if fisher_items is not None:
-            self.fisher = self._fisher(fisher_items)
+        self.fisher_alpha = o.fisher_alpha
+        if o.fisher_items is not None:
+            self.fisher = self._fisher(o.fisher_items)
 
     def extra_state(self) -> dict:
         return {"mean_probs": self.mean_probs}
@@ -78,8 +88,8 @@ class EATA(ETA):
     """EATA: ETA plus a Fisher-weighted anchor to the source parameters (``fisher_items`` = clean
     queries); without clean queries it is ETA, and says so in the log."""
 
-    def setup(self, **options) -> None:
-        super().setup(**options)
+    def setup(self) -> None:
+        super().setup()
         if self.fisher is None:
             log.warning("eata: no clean queries given (fisher_items); running as ETA")
 
@@ -88,12 +98,13 @@ class EATA(ETA):
 class ShotIM(Method):
     """SHOT-IM (Liang et al., ICML 2020): mean entropy minus the entropy of the mean prediction."""
 
-    @classmethod
-    def option_names(cls):
-        return ("temperature", "diversity_weight")
+    @dataclass(frozen=True)
+    class Options(Options):
+        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
+        diversity_weight: float = option(1.0, "weight of the diversity term (entropy of the mean prediction)")
 
-    def setup(self, temperature: float = 0.01, diversity_weight: float = 1.0) -> None:
-        self.temperature, self.diversity_weight = temperature, diversity_weight
+    def setup(self) -> None:
+        self.temperature, self.diversity_weight = self.opts.temperature, self.opts.diversity_weight
 
     def loss(self, z, sims, step, labels):
         p = (sims / self.temperature).softmax(1)
@@ -108,14 +119,19 @@ class SAR(Method):
     """SAR (Niu et al., ICLR 2023): entropy of the lowest-entropy 40 % of queries, a sharpness-aware
     (SAM) step, and a reset to the source model when the EMA of the loss falls below 0.2."""
 
-    @classmethod
-    def option_names(cls):
-        return ("temperature", "keep_fraction", "rho", "reset_below", "ema")
+    @dataclass(frozen=True)
+    class Options(Options):
+        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
+        keep_fraction: float = option(0.4, "share of the batch's lowest-entropy queries used", minimum=0.0,
+                                      maximum=1.0, exclusive_minimum=True)
+        rho: float = option(0.05, "SAM neighbourhood radius ρ", minimum=0.0)
+        reset_below: float = option(0.2, "reset to the source model when the loss EMA falls below this")
+        ema: float = option(0.9, "decay of the loss EMA", minimum=0.0, maximum=1.0)
 
-    def setup(self, temperature: float = 0.01, keep_fraction: float = 0.4, rho: float = 0.05,
-              reset_below: float = 0.2, ema: float = 0.9) -> None:
-        self.temperature, self.keep_fraction, self.rho = temperature, keep_fraction, rho
-        self.reset_below, self.ema_rate = reset_below, ema
+    def setup(self) -> None:
+        o = self.opts
+        self.temperature, self.keep_fraction, self.rho = o.temperature, o.keep_fraction, o.rho
+        self.reset_below, self.ema_rate = o.reset_below, o.ema
         self.loss_ema: float | None = None
         self.resets = getattr(self, "resets", 0)
         self._items = None

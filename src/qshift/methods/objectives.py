@@ -70,6 +70,10 @@ def gap_loss(z: torch.Tensor, c: torch.Tensor, target: torch.Tensor | float) -> 
     return (modality_gap(z, c) - target) ** 2
 
 
+#: how the entropy threshold E_m is read off the queue of source-like pairs
+THRESHOLD_RULES = ("queue-max", "queue-quantile")
+
+
 @dataclass
 class ReliableQueue:
     """TCR's queue of source-like (s, z, c, H) pairs; keeps the ``capacity`` smallest s.

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from qshift.methods.base import StepOutput, register
-from qshift.methods.objectives import source_likeness
-from qshift.methods.tcr import TCR
+from qshift.methods.confidence_baselines import take_items
+from qshift.methods.objectives import (gap_loss, nearest_candidates, refined_entropy, rem_loss, source_likeness,
+                                       uniformity_loss)
+from qshift.methods.tcr import TCR, TCROptions
+from qshift.options import option
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,38 @@ SIGNALS = ("anchor", "reliable", "memory")
 PRECONDITION = ("none", "adam")
 MODES = ("on-conflict", "always")
 GRANULARITY = ("global", "per-tensor")
+ANCHOR_ON = ("all", "unreliable")
+
+
+@dataclass(frozen=True)
+class RESTOptions(TCROptions):
+    """REST's options: TCR's, plus the consistency term and the gradient decoupling (docs/method.md §4–§5)."""
+
+    consistency: str = option("align", "query–gallery consistency term L_C: off, `align` (1 − cos to the "
+                                       "candidate) or `mutual` (the candidate's backward prediction)",
+                              choices=CONSISTENCY)
+    lambda_c: float = option(1.0, "weight λ_C of the consistency term")
+    decoupling: bool = option(True, "split the gradient into target-customisation and general-knowledge parts "
+                                    "and project out their conflict")
+    signal: str = option("anchor", "where the general-knowledge gradient comes from: the source model's "
+                                   "predictions (`anchor`), the batch's source-like half (`reliable`) or a replay "
+                                   "buffer of past reliable queries (`memory`)", choices=SIGNALS)
+    mode: str = option("on-conflict", "project only when the two gradients conflict, or always", choices=MODES)
+    granularity: str = option("global", "test and project the conflict over all parameters at once or per "
+                                         "tensor", choices=GRANULARITY)
+    lambda_a: float = option(0.1, "weight λ_A of the source anchor (KL to the source model's candidate "
+                                  "prediction)", minimum=0.0)
+    tau_a: float = option(0.1, "temperature of the anchor's candidate prediction", minimum=0.0,
+                          exclusive_minimum=True)
+    anchor_on: str = option("all", "queries the anchor applies to", choices=ANCHOR_ON)
+    anchor_in_update: bool = option(True, "add the anchor to the update (else it only sets the projection "
+                                          "direction)")
+    batched_backward: bool = option(True, "one batched backward for the gradient parts (falls back when a "
+                                          "kernel has no batching rule)")
+    precondition: str = option("none", "conflict test in Adam's preconditioned metric (needs optimizer adamw)",
+                               choices=PRECONDITION)
+    memory_size: int = option(64, "signal `memory`: replay-buffer capacity (queries)", minimum=1)
+    memory_min: int = option(16, "signal `memory`: queries in the buffer before it is used", minimum=1)
 
 
 def project_conflict(g_spec: list[torch.Tensor], g_gen: list[torch.Tensor], mode: str = "on-conflict",
@@ -76,36 +113,25 @@ def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @register("rest")
 class REST(TCR):
-    """REST: L = L_REM + λ_U·L_U + λ_G·L_G + λ_C·L_C with decoupled gradients (see module docstring)."""
+    """REST: TCR's objective plus query–gallery consistency, L = L_REM + λ_U·L_U + λ_G·L_G + λ_C·L_C, with the
+    target-customisation gradient's conflict with the general-knowledge gradient projected out
+    (docs/method.md §4–§5)."""
 
-    @classmethod
-    def option_names(cls):
-        return TCR.option_names() + ("consistency", "lambda_c", "decoupling", "signal", "mode", "granularity",
-                                     "lambda_a", "tau_a", "anchor_on", "anchor_in_update", "batched_backward",
-                                     "precondition", "memory_size", "memory_min")
+    Options = RESTOptions
 
-    def setup(self, consistency: str = "align", lambda_c: float = 1.0, decoupling: bool = True,
-              signal: str = "anchor", mode: str = "on-conflict", granularity: str = "global",
-              lambda_a: float = 0.1, tau_a: float = 0.1, anchor_on: str = "all", anchor_in_update: bool = True,
-              batched_backward: bool = True, precondition: str = "none", memory_size: int = 64,
-              memory_min: int = 16, **tcr_options) -> None:
-        super().setup(**tcr_options)
-        for name, value, allowed in (("consistency", consistency, CONSISTENCY), ("signal", signal, SIGNALS),
-                                     ("mode", mode, MODES), ("granularity", granularity, GRANULARITY),
-                                     ("anchor_on", anchor_on, ("all", "unreliable")),
-                                     ("precondition", precondition, PRECONDITION)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        self.consistency, self.lambda_c = consistency, lambda_c
-        self.decoupling, self.signal, self.mode, self.granularity = decoupling, signal, mode, granularity
-        self.lambda_a, self.tau_a, self.anchor_on = lambda_a, tau_a, anchor_on
-        self.anchor_in_update, self.batched_backward = anchor_in_update, batched_backward
+    def setup(self) -> None:
+        super().setup()
+        o = self.opts
+        self.consistency, self.lambda_c = o.consistency, o.lambda_c
+        self.decoupling, self.signal, self.mode, self.granularity = o.decoupling, o.signal, o.mode, o.granularity
+        self.lambda_a, self.tau_a, self.anchor_on = o.lambda_a, o.tau_a, o.anchor_on
+        self.anchor_in_update, self.batched_backward = o.anchor_in_update, o.batched_backward
         self._z_source: torch.Tensor | None = None
-        self.precondition = precondition
-        if precondition == "adam" and self.optimizer_name != "adamw":
+        self.precondition = o.precondition
+        if o.precondition == "adam" and self.optimizer_name != "adamw":
             raise ValueError("precondition='adam' needs optimizer='adamw'")
         # memory signal: a FIFO replay buffer of past reliable queries (raw items, re-encoded each step)
-        self.memory_size, self.memory_min = int(memory_size), int(memory_min)
+        self.memory_size, self.memory_min = o.memory_size, o.memory_min
         self._memory: list = []
         self._items = None
 
@@ -184,7 +210,6 @@ class REST(TCR):
             if not bool(rows.any()):
                 return (z * 0).sum()
             zz, cc, hh = z[rows], p["c"][rows], p["h"][rows]
-            from qshift.methods.objectives import gap_loss, rem_loss, uniformity_loss
             r, m = rem_loss(hh, p["e_m"])
             val = r.to(z.dtype) + self.lambda_u * uniformity_loss(zz, self.t_uniform)
             val = val + self.lambda_g * gap_loss(zz, cc, self.queue.target_gap())
@@ -207,8 +232,6 @@ class REST(TCR):
     # -- the memory signal ---------------------------------------------------------------
     def _remember(self, mask: torch.Tensor) -> None:
         """Append this batch's reliable queries to the replay buffer (oldest dropped first)."""
-        from qshift.methods.confidence_baselines import take_items
-
         rows = mask.nonzero().flatten().tolist()
         if not rows or self._items is None:
             return
@@ -223,7 +246,6 @@ class REST(TCR):
         if isinstance(first, torch.Tensor):
             return torch.stack(self._memory)
         if hasattr(first, "shape"):  # numpy rows
-            import numpy as np
             return np.stack(self._memory)
         return list(self._memory)
 
@@ -232,8 +254,6 @@ class REST(TCR):
         items = self._memory_batch()
         if items is None:
             return None
-        from qshift.methods.objectives import gap_loss, nearest_candidates, refined_entropy, rem_loss, uniformity_loss
-
         z = self.model.encode_query(items)
         _, c = nearest_candidates(z.detach() @ self.gallery.T, self.gallery)
         h = refined_entropy(z, c, self.tau)

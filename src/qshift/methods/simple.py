@@ -1,11 +1,16 @@
 """Source (no adaptation), Tent and the supervised Oracle upper bound."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from qshift.methods.base import Method, StepOutput, register
 from qshift.methods.objectives import softmax_entropy
+from qshift.options import Options, option
+
+TEMPERATURE_HELP = "temperature of the N-way softmax over the gallery"
 
 
 @register("source")
@@ -19,12 +24,12 @@ class Source(Method):
 class Tent(Method):
     """Tent (Wang et al., ICLR 2021): minimise the mean entropy of the N-way gallery softmax."""
 
-    @classmethod
-    def option_names(cls):
-        return ("temperature",)
+    @dataclass(frozen=True)
+    class Options(Options):
+        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
 
-    def setup(self, temperature: float = 0.01) -> None:
-        self.temperature = temperature
+    def setup(self) -> None:
+        self.temperature = self.opts.temperature
 
     def loss(self, z, sims, step, labels):
         h = softmax_entropy(sims / self.temperature)
@@ -43,15 +48,14 @@ class Oracle(Method):
 
     uses_labels = True
 
-    @classmethod
-    def option_names(cls):
-        return ("temperature", "negatives")
+    @dataclass(frozen=True)
+    class Options(Options):
+        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
+        negatives: str = option("gallery", "contrast the true items with the whole gallery, or with the batch's "
+                                           "other true items only", choices=("gallery", "batch"))
 
-    def setup(self, temperature: float = 0.01, negatives: str = "gallery") -> None:
-        if negatives not in ("gallery", "batch"):
-            raise ValueError(f"oracle negatives must be 'gallery' or 'batch', got {negatives!r}")
-        self.temperature = temperature
-        self.negatives = negatives
+    def setup(self) -> None:
+        self.temperature, self.negatives = self.opts.temperature, self.opts.negatives
         if self.gallery_ids is None:
             raise ValueError("oracle needs gallery_ids")
 

@@ -1,13 +1,38 @@
 """TCR (Li et al., ICLR 2025): query prediction refinement + REM, uniformity and gap (METHOD.md §3–§4)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from qshift.methods.base import Method, StepOutput, register
-from qshift.methods.objectives import (ReliableQueue, gap_loss, nearest_candidates, refined_entropy, rem_loss,
-                                       uniformity_loss)
+from qshift.methods.objectives import (THRESHOLD_RULES, ReliableQueue, gap_loss, nearest_candidates, refined_entropy,
+                                       rem_loss, uniformity_loss)
+from qshift.options import Options, option
 
 QUEUE_REFRESH = ("first-k", "sliding", "refresh-on-shift")
+
+
+@dataclass(frozen=True)
+class TCROptions(Options):
+    """TCR's options (docs/method.md §3–§4); REST's extend them."""
+
+    tau: float = option(0.02, "temperature τ of the refined query prediction over the candidates",
+                        minimum=0.0, exclusive_minimum=True)
+    ratio: float = option(0.3, "share ρ of each queue batch's most source-like pairs kept", minimum=0.0, maximum=1.0)
+    queue_size: int = option(64, "capacity of the queue of source-like pairs", minimum=1)
+    queue_batches: int = option(10, "batches whose pairs enter the queue (the first K, or the sliding window)",
+                                minimum=1)
+    t_uniform: float = option(0.1, "temperature t of the uniformity loss", minimum=0.0, exclusive_minimum=True)
+    lambda_u: float = option(1.0, "weight λ_U of the uniformity loss L_U")
+    lambda_g: float = option(1.0, "weight λ_G of the query–gallery gap loss L_G")
+    threshold_rule: str = option("queue-max", "how the entropy threshold E_m is read off the queue",
+                                 choices=THRESHOLD_RULES)
+    threshold_quantile: float = option(0.5, "the quantile, for threshold_rule `queue-quantile`", minimum=0.0,
+                                       maximum=1.0)
+    refresh: str = option("first-k", "when the queue takes new pairs", choices=QUEUE_REFRESH)
+    shift_band: float = option(3.0, "refresh-on-shift: restart when a batch's mean entropy leaves the running "
+                                    "mean ± this many standard deviations", minimum=0.0)
 
 
 @register("tcr")
@@ -15,21 +40,14 @@ class TCR(Method):
     """TCR exactly as its authors' code: a queue of source-like pairs from the first K batches sets
     the entropy threshold E_m and the target gap Δ_S; the loss is L_REM + λ_U·L_U + λ_G·L_G."""
 
-    @classmethod
-    def option_names(cls):
-        return ("tau", "ratio", "queue_size", "queue_batches", "t_uniform", "lambda_u", "lambda_g",
-                "threshold_rule", "threshold_quantile", "refresh", "shift_band")
+    Options = TCROptions
 
-    def setup(self, tau: float = 0.02, ratio: float = 0.3, queue_size: int = 64, queue_batches: int = 10,
-              t_uniform: float = 0.1, lambda_u: float = 1.0, lambda_g: float = 1.0,
-              threshold_rule: str = "queue-max", threshold_quantile: float = 0.5, refresh: str = "first-k",
-              shift_band: float = 3.0) -> None:
-        if refresh not in QUEUE_REFRESH:
-            raise ValueError(f"refresh must be one of {QUEUE_REFRESH}, got {refresh!r}")
-        self.tau, self.t_uniform, self.lambda_u, self.lambda_g = tau, t_uniform, lambda_u, lambda_g
-        self.queue_batches, self.refresh, self.shift_band = queue_batches, refresh, shift_band
-        self.threshold_rule, self.threshold_quantile = threshold_rule, threshold_quantile
-        self.queue = ReliableQueue(capacity=queue_size, ratio=ratio, tau=tau)
+    def setup(self) -> None:
+        o = self.opts
+        self.tau, self.t_uniform, self.lambda_u, self.lambda_g = o.tau, o.t_uniform, o.lambda_u, o.lambda_g
+        self.queue_batches, self.refresh, self.shift_band = o.queue_batches, o.refresh, o.shift_band
+        self.threshold_rule, self.threshold_quantile = o.threshold_rule, o.threshold_quantile
+        self.queue = ReliableQueue(capacity=o.queue_size, ratio=o.ratio, tau=o.tau)
         self._window_start = 0  # batch index at which the current first-k window began
         self._entropy_stats: list[float] = []
 

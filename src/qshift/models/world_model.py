@@ -315,14 +315,6 @@ def load_world_model(path: str | Path | None = None) -> WorldDualEncoder:
     return WorldDualEncoder.load(p)
 
 
-#: The embedded world model's protocol learning rate (all methods alike, when a run sets none).
-#: METHOD.md §2 gives 3e-4 for CLIP-family queries and 3e-5 for BLIP text: per backbone, as TCR's code.
-#: This small model trained from scratch needs 1e-3: at 3e-4 even the label oracle recovers only +7.4
-#: mean R@1 on the 16 severity-5 corruptions (the methods issue's validity gate asks +10; +10.5 at 1e-3),
-#: and no world or model change measured moved that (docs/world.md, "Benchmark validity").
-WORLD_LR = 1e-3
-
-
 class WorldRetrievalModel(TwoTowerBase):
     """RetrievalModel adapter over a ``WorldDualEncoder`` for one direction.
 
@@ -331,13 +323,19 @@ class WorldRetrievalModel(TwoTowerBase):
     each block's ``ln_1``/``ln_2``, ``ln_post``; text: each block's ``ln_1``/``ln_2`` and ``ln_final``).
     """
 
+    #: The embedded world model's protocol learning rate (all methods alike, when a run sets none;
+    #: read through ``qshift.models.protocol.default_lr``). docs/method.md §2 gives 3e-4 for CLIP-family
+    #: queries and 3e-5 for BLIP text: per backbone, as TCR's code. This small model trained from scratch
+    #: needs 1e-3: at 3e-4 even the label oracle recovers only +7.4 mean R@1 on the 16 severity-5
+    #: corruptions (+10.5 at 1e-3), and no world or model change measured moved that (docs/world.md).
+    default_lr: float = 1e-3
+
     def __init__(self, encoder: WorldDualEncoder, query_modality: str = "image") -> None:
         if query_modality not in ("image", "text"):
             raise ValueError(f"query_modality must be 'image' or 'text', got {query_modality!r}")
         self.encoder = encoder.eval()
         self.query_modality = query_modality
         self.gallery_modality = "text" if query_modality == "image" else "image"
-        self.default_lr = WORLD_LR
 
     def _encode(self, modality: str, batch: Any) -> torch.Tensor:
         return self.encoder.encode_image(batch) if modality == "image" else self.encoder.encode_text(batch)
