@@ -23,7 +23,8 @@ import torch
 import qshift
 from qshift.bench.evaluate import evaluate_task
 from qshift.bench.grid import model_identity
-from qshift.bench.registry import QGS_DOMAINS, build_benchmark
+from qshift.bench.families import QGS_DOMAINS
+from qshift.bench.registry import build_benchmark
 from qshift.data import world
 from qshift.models.world_model import load_world_model
 from qshift.shifts.image import CORRUPTIONS

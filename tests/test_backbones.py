@@ -14,7 +14,8 @@ from backbone_fixtures import (TINY_OPENCLIP, tiny_hf_blip, tiny_hf_clip, tiny_k
 
 from qshift.api import load_model  # noqa: E402
 from qshift.cli import app  # noqa: E402
-from qshift.data.karpathy import clean_caption, karpathy_task, load_karpathy  # noqa: E402
+from qshift.bench.registry import build_benchmark  # noqa: E402
+from qshift.data.karpathy import clean_caption, load_karpathy  # noqa: E402
 from qshift.models.openclip_model import is_torchscript, needs_quick_gelu  # noqa: E402
 
 runner = CliRunner()
@@ -164,13 +165,15 @@ def test_karpathy_formats_and_early_errors(tmp_path):
     (tmp_path / "coco_karpathy_test.json").write_text(json.dumps([{"image": "x.jpg"}]))
     with pytest.raises(ValueError, match="entry 0"):
         load_karpathy("coco", tmp_path)
-    task = karpathy_task(fds, "flickr-c/i2t/gaussian_noise/3")
+    task = build_benchmark("flickr-c/i2t/gaussian_noise/3", dataset=fds)
     a, b = task.query_sets[0].items[1], task.query_sets[0].items[1]
     assert np.array_equal(a, b) and not np.array_equal(a, task.clean_queries.items[1])
-    with pytest.raises(ValueError, match="unknown corruption"):
-        karpathy_task(fds, "flickr-c/i2t/nothing/3")
-    with pytest.raises(ValueError, match="unknown benchmark"):
-        karpathy_task(fds, "coco/i2t")
+    with pytest.raises(ValueError, match="unknown benchmark 'flickr-c/i2t/nothing/3'"):
+        build_benchmark("flickr-c/i2t/nothing/3", dataset=fds)
+    with pytest.raises(ValueError, match="belongs to dataset 'coco'"):
+        build_benchmark("coco/i2t", dataset=fds)
+    with pytest.raises(ValueError, match="needs its dataset"):
+        build_benchmark("flickr/i2t")
 
 
 @pytest.mark.parametrize("which", ["openclip", "blip"])
@@ -197,7 +200,7 @@ def test_pedes_and_nocaps_formats_with_many_to_many_relevance(tmp_path):
 
     pedes = load_dataset("cuhk-pedes", tiny_pedes(tmp_path / "cuhk"))
     assert len(pedes) == 6 and len(pedes.captions) == 12 and pedes.image_ids.tolist() == [0, 0, 1, 1, 2, 2]
-    task = karpathy_task(pedes, "cuhk-pedes/t2i")
+    task = build_benchmark("cuhk-pedes/t2i", dataset=pedes)
     # a caption of person 0 is relevant to both of person 0's images
     assert (task.gallery_ids == task.query_sets[0].ids[0]).sum() == 2
     icfg = load_dataset("icfg-pedes", tiny_pedes(tmp_path / "icfg", "ICFG-PEDES.json"))
@@ -233,7 +236,7 @@ def test_materialize_writes_the_same_pixels_as_the_stream(tmp_path):
     folder = out / "pixelate" / "4"
     assert (folder / "flickr30k_test.json").is_file()
     ds = load_karpathy("flickr", folder)  # a drop-in data root
-    streamed = karpathy_task(load_karpathy("flickr", root), "flickr-c/i2t/pixelate/4").query_sets[0].items[2]
+    streamed = build_benchmark("flickr-c/i2t/pixelate/4", dataset=load_karpathy("flickr", root)).query_sets[0].items[2]
     on_disk = np.asarray(Image.open(ds.image_paths[2]).convert("RGB")).astype(int)
     clean = np.asarray(Image.open(root / "images" / "img_002.jpg").convert("RGB")).astype(int)
     # equal up to JPEG q95 re-encoding: far closer to the streamed pixels than to the clean image
@@ -254,7 +257,7 @@ def test_fashiongen_hdf5_streams_images_with_product_relevance(tmp_path):
 
     ds = load_dataset("fashiongen", tiny_fashiongen(tmp_path / "fg"))
     assert len(ds) == 4 and ds.captions[0] == "black wool coat, style 0" and ds.image_ids.tolist() == [500, 500, 501, 501]
-    task = karpathy_task(ds, "fashiongen-c/i2t/shot_noise/2")
+    task = build_benchmark("fashiongen-c/i2t/shot_noise/2", dataset=ds)
     img = task.query_sets[0].items[3]
     assert img.shape == (32, 32, 3) and img.dtype == np.uint8
     assert not np.array_equal(img, task.clean_queries.items[3])

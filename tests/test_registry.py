@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qshift.bench import registry
+from qshift.bench import families, registry
 from qshift.data import world
 
 
@@ -74,13 +74,13 @@ def test_mixed_and_diverse_streams(small_world):
 
 def test_mixed_kind_diverse_streams(small_world):
     i = registry.build_benchmark("world-diverse/i2t/mix8/order0")
-    assert [q.domain for q in i.query_sets] == list(registry.DIVERSE_I2T_MIX8)
+    assert [q.domain for q in i.query_sets] == list(families.DIVERSE_I2T_MIX8)
     assert all(len(q) == 20 for q in i.query_sets)
     t = registry.build_benchmark("world-diverse/t2i/mix8/order2")
-    assert sorted(q.domain for q in t.query_sets) == sorted(registry.DIVERSE_T2I_MIX8)
+    assert sorted(q.domain for q in t.query_sets) == sorted(families.DIVERSE_T2I_MIX8)
     assert all(len(q) == 20 for q in t.query_sets) and len(t.gallery) == 20
     first_domain = next(iter(t.stream(batch_size=8))).domains[0]
-    assert first_domain == registry.DIVERSE_T2I_MIX8[t.domain_order[0]]
+    assert first_domain == families.DIVERSE_T2I_MIX8[t.domain_order[0]]
 
 
 def test_a_larger_render_size_gives_larger_images_cached_apart(small_world, tmp_path, monkeypatch):

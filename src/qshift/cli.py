@@ -158,17 +158,16 @@ def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], da
     """Resolve (task, RetrievalModel) for the embedded world or a real dataset + backbone."""
     from qshift.api import load_model
 
-    if dataset is None:
-        from qshift.bench.registry import build_benchmark
+    from qshift.bench.registry import build_benchmark
 
-        task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress)
-    else:
-        from qshift.data.karpathy import karpathy_task
+    ds = None
+    if dataset is not None:
         from qshift.data.retrieval_datasets import load_dataset
 
         if data_root is None:
             raise ValueError("--dataset needs --data-root (the folder holding the images and the annotation file)")
-        task = karpathy_task(load_dataset(dataset, data_root, annotation), benchmark, shift_seed)
+        ds = load_dataset(dataset, data_root, annotation)
+    task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress, dataset=ds)
     if model_spec == "world" and dataset is not None:
         raise ValueError("the embedded world model cannot read real datasets; pass --model openclip:ARCH, "
                          "hf-clip:PATH, hf-blip:PATH or custom:module:factory")
@@ -490,11 +489,24 @@ app.add_typer(shifts_app, name="shifts")
 @shifts_app.command("list")
 def shifts_list(
     pattern: Annotated[Optional[str], typer.Argument(help="Only names containing this text.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="A real dataset's benchmarks instead of the world's "
+                                                        "(coco, flickr, cuhk-pedes, …).")] = None,
+    families: Annotated[bool, typer.Option("--families", help="One line per benchmark family: its pattern, "
+                                                              "direction and report table.")] = False,
 ) -> None:
-    """Print every registered benchmark name, one per line."""
-    from qshift.bench.registry import list_benchmarks
+    """Print every registered benchmark name, one per line (or the families)."""
+    from qshift.bench import registry
+    from qshift.data.retrieval_datasets import DATASET_NAMES
 
-    for name in list_benchmarks():
+    if families:
+        for fam in registry.families():
+            kind = "stream" if fam.title is None else f"table {fam.title!r}"
+            typer.echo(f"{fam.pattern}\t{fam.direction}\t{kind}" + ("\t(real dataset)" if fam.needs_dataset else ""))
+        return
+    if dataset is not None and dataset not in DATASET_NAMES:
+        _error(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASET_NAMES)}")
+        raise typer.Exit(2)
+    for name in registry.list_benchmarks(dataset):
         if pattern is None or pattern in name:
             typer.echo(name)
 
@@ -514,8 +526,8 @@ def shifts_materialize(
     = "qshift",
 ) -> None:
     """Write corrupted copies of a real dataset to disk, for people who want files."""
-    from qshift.bench.registry import CORRUPTIONS
     from qshift.data import retrieval_datasets as RD
+    from qshift.shifts.image import CORRUPTIONS
     from qshift.data.karpathy import DATASETS, materialize
 
     try:
@@ -539,7 +551,7 @@ def shifts_preview(
     seed: Annotated[int, typer.Option(help="Shift seed.")] = 0,
 ) -> None:
     """Draw every image corruption at every severity (and the QGS domains); print text examples."""
-    from qshift.shifts.preview import draw_image_preview, text_examples
+    from qshift.bench.preview import draw_image_preview, text_examples
 
     path = draw_image_preview(out, image_index=image_index, seed=seed)
     console.print(f"wrote {path}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qshift.atomic import save_figure_atomic, write_text_atomic
+from qshift.bench.registry import describe
 from qshift.models.world_model import WorldRetrievalModel
 from qshift.options import Protocol
 
@@ -190,21 +191,9 @@ def _order(labels) -> list[str]:
 
 
 def _family(bench: str) -> tuple[str, str] | None:
-    """(table title, column name) for a benchmark, or None for stream benchmarks."""
-    p = bench.split("/")
-    if p[0] == "world-c" and p[1] == "i2t":
-        return f"Image corruptions, severity {p[3]} (i2t R@1)", p[2]
-    if p[0] == "world-c" and p[1] == "t2i":
-        return f"Text perturbations, level {p[3]} (t2i R@1)", p[2]
-    if p[0] == "world-qgs":
-        return f"Query–gallery shift ({p[2]} R@1)", p[1]
-    if p[0] == "world-style":
-        return f"Held-out caption styles ({p[2]} R@1)", p[1]
-    if p[0] == "world-clean":
-        return "Clean", p[1]
-    if p[0] == "world-mixed":
-        return f"Mixed shift ({p[1]} R@1)", f"{p[2]}/{p[3]}"
-    return None
+    """(table title, column name) of a benchmark (from its registered family), or None for a stream."""
+    d = describe(bench)
+    return None if d["title"] is None else (d["title"], d["column"])
 
 
 def build_tables(cells: list[Cell], metric: str = "R@1") -> list[Table]:
@@ -220,9 +209,9 @@ def build_tables(cells: list[Cell], metric: str = "R@1") -> list[Table]:
             if col not in col_order[title]:
                 col_order[title].append(col)
             continue
-        p = c.benchmark.split("/")
-        stream = "/".join(p[1:3])
-        order = p[3] if len(p) > 3 else "order0"
+        d = describe(c.benchmark)
+        stream = d.get("stream") or c.benchmark
+        order = f"order{d.get('order', 0)}"
         title = f"Diverse shift {stream}: online R@1 per domain order, and forgetting"
         diverse[title][c.label][f"{order} online"].append(c.metrics[metric])
         if c.forgetting:
@@ -248,19 +237,6 @@ def build_tables(cells: list[Cell], metric: str = "R@1") -> list[Table]:
     return tables
 
 
-def _summary_column(title: str, col: str) -> str:
-    """Short name of a family's mean in the summary table (``Clean`` keeps one column per direction)."""
-    if title == "Clean":
-        return f"clean {col}"
-    if title.startswith("Image corruptions, severity "):
-        return f"corruptions s{title.split('severity ')[1].split(' ')[0]}"
-    if title.startswith("Text perturbations, level "):
-        return f"text L{title.split('level ')[1].split(' ')[0]}"
-    head, direction = title.split(" (")[0], title.split("(")[1].split(" ")[0]
-    return {"Query–gallery shift": "QGS", "Held-out caption styles": "styles", "Mixed shift": "mixed"}.get(
-        head, head) + f" {direction}"
-
-
 def build_summary(cells: list[Cell], metric: str = "R@1") -> list[Table]:
     """The family means side by side (methods × {clean, each shift family}) and their change against
     ``source`` — the clean column's change is how much of a method's gain also appears without shift.
@@ -270,25 +246,18 @@ def build_summary(cells: list[Cell], metric: str = "R@1") -> list[Table]:
     Empty (no table) when there are fewer than two families."""
     per: dict[str, dict[str, dict[int, dict[str, float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     shifts: dict[str, set[str]] = defaultdict(set)
+    rank: dict[str, tuple] = {}
     for c in cells:
-        fam = _family(c.benchmark)
-        if fam is None:
+        d = describe(c.benchmark)
+        if d["title"] is None or d.get("summary") is None:
             continue
-        title, col = fam
-        name = _summary_column(title, col)
-        key = col if title == "Clean" else f"{title}/{col}"
+        name, key = d["summary"], f"{d['title']}/{d['column']}"
         per[name][c.label][c.seed][key] = c.metrics[metric]
         shifts[name].add(key)
+        rank[name] = d["summary_rank"]
     if len(per) < 2:
         return []
-    rank = ("clean", "corruptions", "text", "QGS", "styles", "mixed")
-
-    def col_key(n: str):
-        head, _, rest = n.partition(" ")
-        level = int(rest[1:]) if head in ("corruptions", "text") and rest[1:].isdigit() else 0
-        return (rank.index(head) if head in rank else len(rank), -level, n)
-
-    order = sorted(per, key=col_key)
+    order = sorted(per, key=lambda n: (rank[n], n))
     labels = _order({lbl for n in per for lbl in per[n]})
     rows, spread, n_seeds = {}, {}, 1
     for label in labels:
@@ -402,7 +371,7 @@ def plot_streams(cells: list[Cell], out_dir: Path, window: int = 5) -> list[Path
     plt = _plt()
     by_bench: dict[str, list[Cell]] = defaultdict(list)
     for c in cells:
-        if c.benchmark.startswith("world-diverse") and c.seed == min(x.seed for x in cells if x.benchmark == c.benchmark):
+        if describe(c.benchmark)["title"] is None and c.seed == min(x.seed for x in cells if x.benchmark == c.benchmark):
             by_bench[c.benchmark].append(c)
     paths = []
     for bench, group in by_bench.items():
@@ -502,7 +471,7 @@ def plot_diagnostics(diags: list[dict], out_dir: Path) -> Path | None:
             ("gap", "query–gallery gap ‖mean q − mean g‖"), ("consistency", "query–gallery mutual-NN rate"),
             ("angle_deg", "angle(g_spec, g_gen) at the source model (°)")]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
-    names = [d["benchmark"].split("/")[2] if d["benchmark"].count("/") >= 2 else d["benchmark"] for d in diags]
+    names = [describe(d["benchmark"]).get("column") or d["benchmark"] for d in diags]
     x = np.arange(len(diags))
     for ax, (k, title) in zip(axes, keys):
         clean = [d["diagnostics"].get("clean", {}).get(k, np.nan) for d in diags]

@@ -5,20 +5,24 @@ The annotation file is a JSON list of ``{"image": "<path relative to the image r
 str | [str, ...]}``.  Captions are cleaned as BLIP does (lower case, the marks ``.!"()*#:;~``
 removed, whitespace collapsed, at most 30 words); COCO keeps the first five captions per image.
 Nothing is corrupted on disk: a corrupted query set is a lazy sequence that loads and corrupts an
-image when the stream asks for it, deterministically by (image id, corruption, severity, seed).
+image when the stream asks for it, deterministically by (image id, corruption, severity, seed); the
+benchmarks built on them (``coco-c/i2t/fog/5``, …) are registered in src/qshift/bench/families.py.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from qshift.atomic import atomic_path
+from qshift.shifts.image import available_corruptions, corrupt_image
 
 DATASETS = {"coco": "coco_karpathy_test.json", "flickr": "flickr30k_test.json"}
 CAPTIONS_PER_IMAGE = {"coco": 5, "flickr": None}
@@ -144,43 +148,7 @@ class CorruptedImages(Sequence):
         img = self.reader(i) if self.reader is not None else read_rgb(self.paths[i])
         if self.corruption is None:
             return img
-        from qshift.shifts.image import corrupt_image
-
         return corrupt_image(img, self.corruption, self.severity, item_id=int(i), seed=self.seed)
-
-
-def karpathy_task(ds: ImageTextDataset, benchmark: str, shift_seed: int = 0):
-    """A RetrievalTask on a real dataset: ``<ds>/i2t``, ``<ds>/t2i`` (clean), ``<ds>-c/i2t/<corruption>/<severity>``
-    or ``<ds>-c/t2i/<perturbation>/<level>``."""
-    from qshift.bench.registry import RetrievalTask
-    from qshift.data.streams import QuerySet
-    from qshift.shifts.image import available_corruptions
-    from qshift.shifts.text import perturb_texts
-
-    parts = benchmark.split("/")
-    ids = ds.image_ids
-    rd = ds.image_reader
-    clean_imgs = QuerySet("clean", CorruptedImages(ds.image_paths, reader=rd), ids)
-    clean_caps = QuerySet("clean", list(ds.captions), ds.caption_ids)
-    if parts == [ds.name, "i2t"]:
-        return RetrievalTask(benchmark, "i2t", [clean_imgs], ds.captions, ds.caption_ids, clean_queries=clean_imgs)
-    if parts == [ds.name, "t2i"]:
-        return RetrievalTask(benchmark, "t2i", [clean_caps], CorruptedImages(ds.image_paths, reader=rd), ids,
-                             clean_queries=clean_caps)
-    if len(parts) == 4 and parts[0] == f"{ds.name}-c" and parts[1] == "i2t":
-        c, sev = parts[2], int(parts[3])
-        if c not in available_corruptions() or not 1 <= sev <= 5:
-            raise ValueError(f"unknown corruption benchmark {benchmark!r}")
-        q = QuerySet(f"{c}-{sev}", CorruptedImages(ds.image_paths, c, sev, shift_seed, reader=rd), ids)
-        return RetrievalTask(benchmark, "i2t", [q], ds.captions, ds.caption_ids, clean_queries=clean_imgs)
-    if len(parts) == 4 and parts[0] == f"{ds.name}-c" and parts[1] == "t2i":
-        p, lvl = parts[2], int(parts[3])
-        caps = perturb_texts(list(ds.captions), p, lvl, np.arange(len(ds.captions)), seed=shift_seed)
-        q = QuerySet(f"{p}-{lvl}", caps, ds.caption_ids)
-        return RetrievalTask(benchmark, "t2i", [q], CorruptedImages(ds.image_paths, reader=rd), ids,
-                             clean_queries=clean_caps)
-    raise ValueError(f"unknown benchmark {benchmark!r} for dataset {ds.name!r}; expected {ds.name}/i2t, {ds.name}/t2i, "
-                     f"{ds.name}-c/i2t/<corruption>/<1-5> or {ds.name}-c/t2i/<perturbation>/<level>")
 
 
 TCR_LAYOUT = {"coco": ("coco-IP", "COCO_IP"), "flickr": ("flickr-IP", "Flickr30K_IP")}
@@ -197,12 +165,6 @@ def materialize(ds: ImageTextDataset, data_root: str | Path, annotation: str | P
     (TCR keeps its annotations apart, under its ``ann_root``).  Pixels equal what the on-the-fly
     benchmark streams (same seeds); images are saved as PNG when the name ends in .png, otherwise as
     JPEG at quality 95.  Returns the number of files written."""
-    import shutil
-
-    from tqdm.auto import tqdm
-
-    from qshift.shifts.image import available_corruptions
-
     root = Path(data_root)
     if layout not in ("qshift", "tcr"):
         raise ValueError(f"layout must be 'qshift' or 'tcr', got {layout!r}")
