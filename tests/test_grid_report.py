@@ -111,7 +111,7 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     fourth = G.run_grid(slower, out, progress=False, log=lambda m: None)
     assert fourth["stale"] == 2 and fourth["done"] == 2 and fourth["skipped"] == 4
     assert read_cell(p)["config"]["lr"] == 0.02
-    # a cell made under the old default rate (3e-4, METHOD.md's CLIP rate) is stale for a grid at the default
+    # a cell made under the old default rate (3e-4, docs/method.md §2's CLIP rate) is stale for a grid at the default
     tent = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
     assert G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1]))
     old_rate = read_cell(tent)
@@ -143,7 +143,7 @@ def test_report_tables_plots_and_readme_block(small_world, tmp_path):
     rep = write_report(out)
     md = rep["report"].read_text()
     assert "| source |" in md and "oracle *(uses labels)*" in md and "![diagnostics]" in md
-    # the grid's protocol is not METHOD.md's, and the report says so before any table
+    # the grid's protocol is not docs/method.md §2's, and the report says so before any table
     assert ("**Protocol differs from the defaults (METHOD.md §2; lr 1e-3 for the world model) in 9 of 9 cells**: "
             "batch_size = 16, steps = 1 "
             "(9 cells: source, tent, oracle)") in md.split("|")[0]
@@ -333,7 +333,7 @@ def test_report_says_which_protocol_its_cells_ran_under():
                                        "AdamW with weight decay 1e-4, scoring `tcr`, reset `never`; lr 1e-3, the "
                                        "embedded world model's rate — docs/world.md)."]
     assert protocol_deviations(_proto(lr=1.0000000001e-3)) == {}
-    # METHOD.md's CLIP rate is a deviation for the world model, and the report says so
+    # docs/method.md §2's CLIP rate is a deviation for the world model, and the report says so
     mixed = default + [_cell("world-c/i2t/fog/5", "tcr-lr3e-4", 0, 1.0, **_proto(lr=3e-4)),
                        _cell("world-c/i2t/snow/5", "tcr-lr3e-4", 0, 1.0, **_proto(lr=3e-4)),
                        _cell("world-c/i2t/snow/5", "rest[pre]", 0, 1.0, **_proto(scoring="pre", max_queries=6000,

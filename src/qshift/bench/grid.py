@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from qshift.atomic import write_text_atomic
+from qshift.bench.registry import build_benchmark, list_benchmarks, resolve
 from qshift.methods import available_methods
 from qshift.methods.base import method_options, resolved_options
 from qshift.models.protocol import default_lr
@@ -56,7 +57,14 @@ class GridSpec(BaseModel):
     max_queries: int | None = Field(default=None, ge=1, description="subsample each benchmark's queries")
     diagnostics: list[str] = Field(default_factory=list, description="benchmarks to run `diagnose` on")
     shift_seed: int = 0
+    # the backbone and data, as `qshift run`'s --model / --weights / --dataset / --data-root / …
+    model: str = "world"
     weights: str | None = None
+    dataset: str | None = None
+    data_root: str | None = None
+    annotation: str | None = None
+    preprocess: str = "model"
+    device: str = "cpu"
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -74,11 +82,11 @@ class GridSpec(BaseModel):
 
     def expanded_benchmarks(self) -> list[str]:
         """Benchmark names with glob patterns (``world-c/i2t/*/5``) resolved against the registry."""
-        from qshift.bench.registry import list_benchmarks
-
-        known = list_benchmarks()
+        known = list_benchmarks(self.dataset)
         out: list[str] = []
         for pat in self.benchmarks:
+            if not any(ch in pat for ch in "*?["):
+                resolve(pat, self.dataset)  # an unknown name fails here, with suggestions
             hits = [n for n in known if fnmatch.fnmatchcase(n, pat)] if any(ch in pat for ch in "*?[") else [pat]
             if not hits:
                 raise ValueError(f"benchmark pattern {pat!r} matches nothing; see `qshift shifts list`")
@@ -143,7 +151,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "world-diverse": {"methods": ["source", "tent", "eta", "sar", "tcr", "rest"],
                       "benchmarks": ["world-diverse/i2t/mix8/order*", "world-diverse/t2i/mix8/order*"],
                       "max_queries": 6000},
-    # REST ablation: each switch of METHOD.md §4–§5 against the default, on a diverse stream (online
+    # REST ablation: each switch of docs/method.md §4–§5 against the default, on a diverse stream (online
     # mean vs clean R@1 after it: the Pareto pair) and four severe corruptions
     "rest-ablation": {"methods": [
         "tcr", "rest", *_SWITCHES[:2], _rest("mutual", consistency="mutual"), *_SWITCHES[2:],

@@ -141,7 +141,7 @@ def _n_cells(n: int) -> str:
 
 def protocol_notes(cells: list[Cell]) -> list[str]:
     """Lines saying which protocol the cells ran under, so a table made under another learning rate,
-    step count, … (or with cut streams) can never pass for one made under METHOD.md §2."""
+    step count, … (or with cut streams) can never pass for one made under docs/method.md §2."""
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
         groups[tuple(sorted(protocol_deviations(c.protocol).items()))].append(c)
