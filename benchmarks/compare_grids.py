@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qshift.bench import store
 from qshift.bench.report import Cell, _family, _order, load_cells, protocol_notes
 
 
@@ -96,7 +97,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the matched means here")
     args = ap.parse_args()
     for p in (args.a, args.b):
-        if not (p / "cells").is_dir():
+        if not store.has_cells(p):
             raise SystemExit(f"{p}: not a grid folder (no cells/); run `qshift bench --out {p}` first")
     res = compare(args.a, args.b, args.by, args.metric)
     print(to_markdown(res, str(args.a), str(args.b), args.metric))

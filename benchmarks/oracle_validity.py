@@ -4,7 +4,7 @@
         [--temperature 0.01] [--negatives gallery|batch] [--after-stream] [--lr 1e-3] [--split test|val]
         [--out results/oracle_validity.json]
 
-Runs `source` and the supervised `oracle` (METHOD.md §6; it uses labels, so it is an upper bound,
+Runs `source` and the supervised `oracle` (docs/method.md §6; it uses labels, so it is an upper bound,
 never a competitor) online over each image corruption (i2t, 2,000-image test set) and prints online
 R@1 and the mean gain.  The methods issue asks for a mean gain of at least +10 points at severity 5.
 It also records how far the oracle moved the LayerNorm parameters over the stream (max and mean
@@ -38,9 +38,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", type=Path, default=None, help="a candidate model (default: the shipped one)")
     ap.add_argument("--temperature", type=float, default=None,
-                    help="the oracle's gallery-softmax temperature (default: the method's, 0.01 as METHOD.md §6)")
+                    help="the oracle's gallery-softmax temperature (default: the method's, 0.01 as docs/method.md §6)")
     ap.add_argument("--lr", type=float, default=None,
-                    help="the learning rate of both runs (default: the protocol's, the world model's 1e-3; METHOD.md's "
+                    help="the learning rate of both runs (default: the protocol's, the world model's 1e-3; docs/method.md §2's "
                          "CLIP rate 3e-4 shows how much the step budget limits)")
     ap.add_argument("--split", default="test", choices=("test", "val"),
                     help="the world split the corrupted queries and the gallery come from (val: 1,000 images held "

@@ -18,6 +18,8 @@ from qshift.bench.registry import build_benchmark  # noqa: E402
 from qshift.data.karpathy import clean_caption, load_karpathy  # noqa: E402
 from qshift.models.openclip_model import is_torchscript, needs_quick_gelu  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 
@@ -117,7 +119,7 @@ def test_hf_blip_uses_itc_embeddings_and_every_layernorm(hf_blip_dir):
     bert = [n for n, m in text.hf_model.text_encoder.named_modules() if isinstance(m, torch.nn.LayerNorm)]
     assert [n for n, _ in text.adaptable_parameters()] == [f"text_encoder.{m}.{p}" for m in bert for p in ("weight", "bias")]
     assert "text_encoder.embeddings.LayerNorm.weight" in dict(text.adaptable_parameters())
-    # METHOD.md §2: BLIP text queries adapt at 3e-5 by default, its image queries at the modality's 3e-4
+    # docs/method.md §2: BLIP text queries adapt at 3e-5 by default, its image queries at the modality's 3e-4
     from qshift.engine import default_lr
     assert default_lr(text) == 3e-5 and default_lr(rm) == 3e-4
     # ITC: the projected CLS token of each tower, normalised
@@ -189,7 +191,7 @@ def test_end_to_end_rest_run_on_a_fixture(which, tmp_path, openclip_ckpt, hf_bli
     assert row["method"] == "rest" and row["n_queries"] == 6 and row["n_gallery"] == 30
     rec = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
     assert rec["params_adapted"] > 0 and rec["params_adapted"] < rec["params_total"]
-    assert rec["config"]["lr"] == 3e-4  # image queries: METHOD.md's rate, not the world model's
+    assert rec["config"]["lr"] == 3e-4  # image queries: docs/method.md §2's rate, not the world model's
     bad = runner.invoke(app, ["run", "--method", "rest", "--benchmark", "flickr/i2t", "--dataset", "flickr",
                               "--data-root", str(tmp_path / "none"), *spec])
     assert bad.exit_code == 2 and "not found" in bad.output
@@ -279,3 +281,41 @@ def test_openclip_config_file_autocast_and_checkpointing(openclip_ckpt):
     assert all(p.grad is not None for _, p in rm.adaptable_parameters())
     with pytest.raises(ValueError, match="autocast"):
         load_model(f"openclip:{cfg}", "i2t", openclip_ckpt, autocast="fp8")
+
+
+def test_a_grid_runs_on_a_real_backbone_over_a_local_dataset(tmp_path, openclip_ckpt):
+    """`qshift bench` takes the same model and dataset specs as `qshift run`: a tiny random open_clip
+    model on a tiny COCO-format dataset, cells resumable and stale when the weights change."""
+    from qshift.bench import grid as G
+    from qshift.bench.report import load_cells
+
+    root = tiny_karpathy(tmp_path / "coco", n_images=6)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(
+        "methods: [source, tcr]\n"
+        "benchmarks: ['coco/i2t', 'coco-c/i2t/gaussian_noise/*']\n"
+        "seeds: [0]\n"
+        "protocol: {batch_size: 4, steps: 1}\n"
+        f"model: openclip:{TINY_OPENCLIP}\nweights: {openclip_ckpt}\ndataset: coco\ndata_root: {root}\n")
+    spec, only = G.load_grid(grid_file)
+    assert len(spec.expanded_benchmarks()) == 6  # clean + 5 severities
+    out = tmp_path / "run"
+    counts = G.run_grid(spec, out, only, progress=False, log=lambda m: None)
+    assert counts == {"cells": 12, "skipped": 0, "done": 12, "failed": 0, "stale": 0}
+    cells = load_cells(out)
+    assert len(cells) == 12 and {c.method for c in cells} == {"source", "tcr"}
+    rec = json.loads(json.dumps(cells[0].protocol))
+    assert rec["lr"] == rec["lr_default"] == 3e-4  # open_clip's protocol rate, resolved by the backbone
+    again = G.run_grid(spec, out, only, progress=False, log=lambda m: None)
+    assert again["skipped"] == 12 and again["done"] == 0
+    # other weights: another model identity, so every cell is stale and reruns
+    torch.manual_seed(1)
+    other = tmp_path / "other.pt"
+    sd = torch.load(openclip_ckpt, weights_only=True)
+    sd["state_dict"] = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                        for k, v in sd["state_dict"].items()}
+    torch.save(sd, other)
+    spec2 = spec.model_copy(update={"weights": str(other), "benchmarks": ["coco/i2t"], "methods": spec.methods[:1]})
+    assert G.run_grid(spec2, out, only, progress=False, log=lambda m: None)["done"] == 1
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        spec.model_copy(update={"benchmarks": ["coco-c/i2t/nothing/3"]}).expanded_benchmarks()

@@ -5,6 +5,8 @@ from typer.testing import CliRunner
 
 from qshift.cli import app
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 
@@ -125,7 +127,7 @@ def test_error_lines_keep_square_brackets(capsys):
 
 def test_bench_protocol_override_is_validated_and_applied(tmp_path):
     bad = runner.invoke(app, ["bench", "--preset", "demo", "--out", str(tmp_path), "--protocol", "lr=abc", "--dry-run"])
-    assert bad.exit_code == 2 and "lr must be a number" in bad.output
+    assert bad.exit_code == 2 and "'lr' of the protocol expects a number" in bad.output
     unknown = runner.invoke(app, ["bench", "--preset", "demo", "--out", str(tmp_path), "--protocol", "lrr=1",
                                   "--dry-run"])
     assert unknown.exit_code == 2 and "--protocol expects key=value" in unknown.output

@@ -70,7 +70,7 @@ def test_grid_spec_validation(tmp_path):
 
 def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     _, weights = small_world
-    spec = G.GridSpec(methods=["source", "tent", {"name": "tcr", "label": "tcr-bad", "options": {"refresh": "bogus"}},
+    spec = G.GridSpec(methods=["source", "tent", {"name": "rest", "label": "rest-bad", "options": {"precondition": "adam", "optimizer": "sgd"}},
                                {"name": "tent", "label": "tent-fast", "options": {"lr": 0.01}}],
                       benchmarks=["world-c/i2t/fog/5", "world-diverse/i2t/mix8/order0"], weights=str(weights),
                       protocol={"batch_size": 16, "steps": 1}, max_queries=32,
@@ -81,7 +81,7 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     fast = read_cell(G.cell_path(out, "world-c/i2t/fog/5", "tent-fast", 0))
     assert fast["config"]["lr"] == 0.01 and "lr" not in fast["config"]["method_options"]
     errors = sorted((out / "cells").glob("*/*/seed0.error.json"))
-    assert len(errors) == 2 and "refresh" in json.loads(errors[0].read_text())["error"]
+    assert len(errors) == 2 and "precondition" in json.loads(errors[0].read_text())["error"]
     cell = read_cell(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0))
     assert cell["n_queries"] == 32 and cell["n_gallery"] == 200 and cell["label"] == "tent"
     # a row without its own lr runs at the world model's rate, and the cell says so
@@ -105,7 +105,7 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     assert G.run_grid(spec, out, progress=False, log=lambda m: None)["skipped"] == 6
     steps2 = spec.model_copy(update={"protocol": {"batch_size": 16, "steps": 2}})
     assert all(not G._finished(G.cell_path(out, b, m.key, 0), G._expected_options(m), None,
-                               G._expected_protocol(steps2, m)) for b, m, _ in G.plan(steps2))
+                               G._expected_protocol(steps2, m, 1e-3)) for b, m, _ in G.plan(steps2))
     slower = spec.model_copy(update={"methods": [*spec.methods[:3], G.MethodSpec(name="tent", label="tent-fast",
                                                                                  options={"lr": 0.02})]})
     fourth = G.run_grid(slower, out, progress=False, log=lambda m: None)
@@ -113,14 +113,14 @@ def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     assert read_cell(p)["config"]["lr"] == 0.02
     # a cell made under the old default rate (3e-4, docs/method.md §2's CLIP rate) is stale for a grid at the default
     tent = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
-    assert G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1]))
+    assert G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1], 1e-3))
     old_rate = read_cell(tent)
     old_rate["config"]["lr"] = 3e-4
     tent.write_text(json.dumps(old_rate))
-    assert not G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1]))
+    assert not G._finished(tent, G._expected_options(spec.methods[1]), None, G._expected_protocol(spec, spec.methods[1], 1e-3))
     fewer = spec.model_copy(update={"max_queries": 16})
     assert not G._finished(G.cell_path(out, "world-c/i2t/fog/5", "tent", 0), None, None,
-                           G._expected_protocol(fewer, spec.methods[1]))
+                           G._expected_protocol(fewer, spec.methods[1], 1e-3))
 
 
 def test_report_tables_plots_and_readme_block(small_world, tmp_path):
@@ -144,7 +144,8 @@ def test_report_tables_plots_and_readme_block(small_world, tmp_path):
     md = rep["report"].read_text()
     assert "| source |" in md and "oracle *(uses labels)*" in md and "![diagnostics]" in md
     # the grid's protocol is not docs/method.md §2's, and the report says so before any table
-    assert ("**Protocol differs from the defaults (METHOD.md §2; lr 1e-3 for the world model) in 9 of 9 cells**: "
+    assert ("**Protocol differs from the defaults (docs/method.md §2: B = 64, 3 inner steps, adamw with weight decay "
+            "0.0001, scoring `tcr`, reset `never`, lr: each backbone's protocol rate) in 9 of 9 cells**: "
             "batch_size = 16, steps = 1 "
             "(9 cells: source, tent, oracle)") in md.split("|")[0]
     assert "Streams longer than 32 queries subsampled to 32, evenly over their domains" in md
@@ -265,9 +266,9 @@ def test_printed_tables_keep_bracketed_labels(monkeypatch):
     from qshift.bench.report import Table as ReportTable
 
     rec = Console(record=True, width=120)
-    monkeypatch.setattr(cli, "console", rec)
+    monkeypatch.setattr(cli.grids, "console", rec)
     t = ReportTable("Image corruptions", ["fog"], {"rest": [1.0], "rest[no-decoupling]": [2.0]})
-    cli._print_tables([t])
+    cli.grids._print_tables([t])
     out = rec.export_text()
     assert "rest[no-decoupling]" in out  # Rich would otherwise read "[no-decoupling]" as a style tag
 
@@ -329,9 +330,9 @@ def _proto(direction="i2t", **kw):
 def test_report_says_which_protocol_its_cells_ran_under():
     default = [_cell("world-c/i2t/fog/5", "tcr", 0, 1.0, **_proto()),
                _cell("world-c/t2i/ocr/6", "rest", 0, 1.0, **_proto("t2i"))]
-    assert protocol_notes(default) == ["Protocol: the defaults in every cell (METHOD.md §2: B = 64, 3 inner steps, "
-                                       "AdamW with weight decay 1e-4, scoring `tcr`, reset `never`; lr 1e-3, the "
-                                       "embedded world model's rate — docs/world.md)."]
+    assert protocol_notes(default) == ["Protocol: the defaults in every cell (docs/method.md §2: B = 64, 3 inner "
+                                       "steps, adamw with weight decay 0.0001, scoring `tcr`, reset `never`, lr: each "
+                                       "backbone's protocol rate (here lr 0.001))."]
     assert protocol_deviations(_proto(lr=1.0000000001e-3)) == {}
     # docs/method.md §2's CLIP rate is a deviation for the world model, and the report says so
     mixed = default + [_cell("world-c/i2t/fog/5", "tcr-lr3e-4", 0, 1.0, **_proto(lr=3e-4)),
@@ -340,8 +341,9 @@ def test_report_says_which_protocol_its_cells_ran_under():
                                                                                   n_queries=6000)),
                        _cell("world-c/i2t/fog/5", "rest", 1, 1.0, **_proto(max_queries=6000, n_queries=2000))]
     notes = protocol_notes(mixed)
-    assert notes[0] == ("**Protocol differs from the defaults (METHOD.md §2; lr 1e-3 for the world model) in 3 of 6 "
-                        "cells**: lr = 0.0003 (2 cells: tcr-lr3e-4); "
+    assert notes[0] == ("**Protocol differs from the defaults (docs/method.md §2: B = 64, 3 inner steps, adamw with "
+                        "weight decay 0.0001, scoring `tcr`, reset `never`, lr: each backbone's protocol rate) in 3 "
+                        "of 6 cells**: lr = 0.0003 (2 cells: tcr-lr3e-4); "
                         "scoring = pre (1 cell: rest[pre]). The other 3 cells use its defaults.")
     # suffixed labels sort with their method, not alphabetically after every named method
     assert _order(["zzz", "tcr-lr1e-3", "deyo-lr1e-3", "rest", "shot-im-lr1e-3", "source", "rest[x]"]) == \

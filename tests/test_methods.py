@@ -51,7 +51,7 @@ def test_learning_rate_defaults_to_the_backbones_rate(setup):
     # the world model declares 1e-3; the optimizer is built with it, and an explicit rate wins
     assert m.lr == 1e-3 and all(grp["lr"] == 1e-3 for grp in m.optimizer.param_groups)
     assert create("tcr", rm, g, lr=3e-4).lr == 3e-4
-    # a backbone that declares nothing gets METHOD.md §2's rate for its query modality
+    # a backbone that declares nothing gets docs/method.md §2's rate for its query modality
     towers = {"image": rm.encoder.visual, "text": rm.encoder.text}
     plain = DualTowerModel({"image": rm.encoder.encode_image, "text": rm.encoder.encode_text}, towers, "image")
     assert create("tcr", plain, g).lr == 3e-4

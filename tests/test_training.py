@@ -10,6 +10,8 @@ from qshift.train.model_card import render_card
 from qshift.train.world_training import (TrainConfig, augment, illuminate, perturb_scene, smooth_field,
                                          train_world_model, trained_pieces_by_init, zero_unseen_pieces)
 
+pytestmark = pytest.mark.slow
+
 
 def test_augment_keeps_left_and_right():
     img = np.full((8, 96, 96, 3), 100, np.uint8)

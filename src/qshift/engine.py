@@ -1,4 +1,4 @@
-"""The online loop (METHOD.md §2): stream → score → adapt, one method against one frozen gallery.
+"""The online loop (docs/method.md §2): stream → score → adapt, one method against one frozen gallery.
 
 Each query is scored exactly once, when its batch arrives (``scoring`` picks which forward's
 similarities count).  The run records per-batch diagnostics, online metrics overall and per domain,

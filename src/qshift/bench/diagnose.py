@@ -1,4 +1,4 @@
-"""Diagnostics of a query set against a gallery (METHOD.md §7) — the REST paper's observations.
+"""Diagnostics of a query set against a gallery (docs/method.md §7) — the REST paper's observations.
 
 For clean and shifted queries of the same items: query uniformity (mean ‖z − z̄‖), query–gallery gap
 (‖z̄ − ḡ‖), query–gallery consistency (share of queries that are their nearest gallery item's nearest

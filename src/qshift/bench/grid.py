@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import random
 import re
+import shutil
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -22,10 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from qshift.atomic import write_text_atomic
+from qshift.bench import store
+from qshift.bench.backbone import GridBackbone, world_identity
+from qshift.bench.diagnose import diagnose_task
+from qshift.bench.evaluate import items_fingerprint
+from qshift.engine import RunConfig, run_online
+from qshift.retrieval.encode import encode_batched
 from qshift.bench.registry import build_benchmark, list_benchmarks, resolve
 from qshift.methods import available_methods
 from qshift.methods.base import method_options, resolved_options
-from qshift.models.protocol import default_lr
 from qshift.options import Protocol, split_protocol
 
 #: the knobs a grid's ``protocol:`` (or a method row's options) may set: the fields of the one protocol structure
@@ -219,8 +227,6 @@ def _exponent_floats(obj: Any) -> Any:
 
 def cell_path(out: Path, benchmark: str, label: str, seed: int) -> Path:
     """Where a cell's full result is written (compressed; :func:`qshift.bench.store.cell_path`)."""
-    from qshift.bench import store
-
     return store.cell_path(out, benchmark, label, seed)
 
 
@@ -242,17 +248,8 @@ def plan(spec: GridSpec, only: dict[str, list[str]] | None = None) -> list[tuple
 
 
 def model_identity(weights: str | Path | None) -> dict[str, Any]:
-    """What a grid cell's numbers depend on besides the method: the world model's weights file (by
-    SHA-256) and the world's rendering version."""
-    import hashlib
-
-    from qshift.bench.world_data import WORLD_VERSION
-    from qshift.data import world
-    from qshift.models.world_model import shipped_weights_path
-
-    path = Path(weights) if weights else shipped_weights_path()
-    return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "world_version": WORLD_VERSION,
-            "render_size": world.RENDER_SIZE, **world.world_variant()}
+    """The embedded world model's identity (see :func:`qshift.bench.backbone.world_identity`)."""
+    return world_identity(weights)
 
 
 def _finished(cell: Path | dict[str, Any] | None, expected: dict[str, Any] | None = None,
@@ -265,8 +262,6 @@ def _finished(cell: Path | dict[str, Any] | None, expected: dict[str, Any] | Non
 
     ``cell``: a cell's record as the store gives it, or its path (read with
     :func:`qshift.bench.store.get_cell`: the full file, else the grid folder's index line)."""
-    from qshift.bench import store
-
     payload = store.get_cell(cell) if isinstance(cell, (str, Path)) else cell
     if not payload or "metrics" not in payload:
         return False
@@ -316,38 +311,47 @@ def _atomic_json(path: Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
+def backbone_of(spec: GridSpec) -> GridBackbone:
+    """The grid's backbone and dataset, from its model / weights / dataset / … fields."""
+    return GridBackbone(spec.model, spec.weights, dataset=spec.dataset, data_root=spec.data_root,
+                        annotation=spec.annotation, preprocess=spec.preprocess, device=spec.device)
+
+
+def cell_status(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None = None,
+                backbone: GridBackbone | None = None) -> list[tuple[str, MethodSpec, int, bool]]:
+    """Each cell of the grid with whether a finished, current result exists for it in ``out`` (same
+    backbone identity, method options and protocol, the learning rate resolved for its direction)."""
+    backbone = backbone or backbone_of(spec)
+    rates: dict[str, float] = {}
+    rows = []
+    for bench, m, seed in plan(spec, only):
+        fam, params = resolve(bench, spec.dataset)
+        direction = fam.direction_of(params)
+        if direction not in rates:
+            rates[direction] = backbone.lr_default(direction)
+        rec = store.get_cell(cell_path(out, bench, m.key, seed))  # full cell, else its index line
+        rows.append((bench, m, seed, _finished(rec, _expected_options(m), backbone.identity,
+                                               _expected_protocol(spec, m, rates[direction]))))
+    return rows
+
+
 def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None = None, progress: bool = True,
              log: Callable[[str], None] | None = None) -> dict[str, int]:
     """Run every unfinished cell of the grid; returns counts of done / skipped / failed cells."""
-    from qshift.bench.evaluate import items_fingerprint
-    from qshift.bench.registry import build_benchmark
-    from qshift.engine import RunConfig, run_online
-    from qshift.retrieval.encode import encode_batched
-    from qshift.models.world_model import WorldRetrievalModel, load_world_model
-
     log = log or (lambda msg: tqdm.write(msg))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cells = plan(spec, only)
-    _atomic_json(out / "grid.json", {"spec": spec.model_dump(), "only": only or {}, "cells": len(cells)})
-    from qshift.bench import store
-
-    todo, stale = [], 0
-    model_id = model_identity(spec.weights)
-    encoder = load_world_model(spec.weights)
-    lr_default = default_lr(WorldRetrievalModel(encoder, "image"))
-    for c in cells:
-        rec = store.get_cell(cell_path(out, c[0], c[1].key, c[2]))  # full cell, else its index line
-        if not _finished(rec, _expected_options(c[1]), model_id, _expected_protocol(spec, c[1], lr_default)):
-            todo.append(c)
-            stale += _finished(rec)
-    counts = {"cells": len(cells), "skipped": len(cells) - len(todo), "done": 0, "failed": 0, "stale": stale}
+    backbone = backbone_of(spec)
+    status = cell_status(spec, out, only, backbone)
+    _atomic_json(out / "grid.json", {"spec": spec.model_dump(), "only": only or {}, "cells": len(status)})
+    todo = [(b, m, s) for b, m, s, done in status if not done]
+    stale = sum(1 for b, m, s, done in status if not done and _finished(store.get_cell(cell_path(out, b, m.key, s))))
+    counts = {"cells": len(status), "skipped": len(status) - len(todo), "done": 0, "failed": 0, "stale": stale}
     if stale:
-        log(f"{stale} finished cell(s) ran with another world model, other method defaults or another protocol; "
+        log(f"{stale} finished cell(s) ran with another model, other method defaults or another protocol; "
             "rerunning them")
     if counts["skipped"]:
-        log(f"resuming: {counts['skipped']} of {len(cells)} cells already finished")
-    source_state = {k: v.clone() for k, v in encoder.state_dict().items()}
+        log(f"resuming: {counts['skipped']} of {len(status)} cells already finished")
     task_cache: dict[str, Any] = {}
     gallery_cache: dict[tuple[str, str], Any] = {}  # the frozen gallery tower's embeddings, per gallery
     bar = tqdm(todo, desc="grid", unit="cell", disable=not progress)
@@ -358,13 +362,10 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
         try:
             if bench not in task_cache:
                 task_cache.clear()
-                task = build_benchmark(bench, shift_seed=spec.shift_seed, progress=False)
-                if spec.max_queries is not None:
-                    task = task.subsample(spec.max_queries, seed=0)
-                task_cache[bench] = task
+                task_cache[bench] = build_benchmark(bench, shift_seed=spec.shift_seed, max_queries=spec.max_queries,
+                                                    dataset=backbone.dataset)
             task = task_cache[bench]
-            encoder.load_state_dict(source_state)  # every cell starts from the source model
-            model = WorldRetrievalModel(encoder, task.query_modality)
+            model = backbone.model(task.direction)  # every cell starts from the source parameters
             gkey = (task.direction, items_fingerprint(task.gallery))
             if gkey not in gallery_cache:
                 gallery_cache[gkey] = encode_batched(model.encode_gallery, task.gallery, 256)
@@ -373,7 +374,7 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
             result = run_online(model, task, cfg, progress=False, gallery_embeddings=gallery_cache[gkey])
             payload = result.as_json()
             payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "max_queries": spec.max_queries,
-                            "model": model_id})
+                            "model": backbone.identity})
             store.write_cell(out, bench, m.key, seed, payload)
             err_path.unlink(missing_ok=True)
             counts["done"] += 1
@@ -388,19 +389,16 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
                                     "traceback": traceback.format_exc(), "seconds": time.perf_counter() - t0})
             log(f"cell failed: {m.key} on {bench} (seed {seed}): {e!r} → {err_path}")
     store.write_index(out)
-    encoder.load_state_dict(source_state)
     for bench in spec.diagnostics:
         dpath = out / "diagnostics" / f"{bench.replace('/', '__')}.json"
-        if _finished_diag(dpath, model_id):
+        if _finished_diag(dpath, backbone.identity):
             continue
         try:
-            from qshift.bench.diagnose import diagnose_task
-
-            task = build_benchmark(bench, shift_seed=spec.shift_seed, progress=False)
-            if spec.max_queries is not None:
-                task = task.subsample(spec.max_queries, seed=0)
-            model = WorldRetrievalModel(encoder, task.query_modality)
-            _atomic_json(dpath, {"benchmark": bench, "diagnostics": diagnose_task(model, task), "model": model_id})
+            task = build_benchmark(bench, shift_seed=spec.shift_seed, max_queries=spec.max_queries,
+                                   dataset=backbone.dataset)
+            model = backbone.model(task.direction)
+            _atomic_json(dpath, {"benchmark": bench, "diagnostics": diagnose_task(model, task),
+                                 "model": backbone.identity})
         except Exception as e:
             counts["failed"] += 1
             log(f"diagnostics failed on {bench}: {e!r}")
@@ -440,16 +438,11 @@ def restamp_cells(out: str | Path, patterns: list[str], verify: int = 2, seed: i
     ``from_sha`` (a prefix of the old weights' SHA-256) picks the old model when the folder holds cells
     of several.
     Nothing is written if any verification differs.  Returns counts and the verifying cells."""
-    import random
-    import shutil
-    import tempfile
 
     log = log or print
     if verify < 1:
         raise ValueError("verify must be at least 1: restamping without a verification proves nothing")
     out = Path(out)
-    from qshift.bench import store
-
     current = model_identity(weights)
     candidates = []
     for path, payload in store.iter_cell_files(out):  # full cells, and index lines of cells without one

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from qshift.atomic import save_figure_atomic, write_text_atomic
+from qshift.bench.backbone import world_identity
 from qshift.bench.registry import describe
 from qshift.models.world_model import WorldRetrievalModel
 from qshift.options import Protocol
@@ -61,17 +62,20 @@ class Table:
 
 
 def current_model(out: str | Path) -> dict | None:
-    """The world-model identity a grid folder's cells should have now: that of the weights its
-    ``grid.json`` names (the shipped model when it names none); None when there is no ``grid.json``."""
-    from qshift.bench.grid import model_identity
+    """The backbone identity a grid folder's cells should have now: that of the model, weights and data
+    its ``grid.json`` names (the shipped world model when it names none); None when there is no
+    ``grid.json`` or its backbone cannot be found here (then every cell is kept)."""
+    from qshift.bench.grid import GridSpec, backbone_of
 
     spec_path = Path(out) / "grid.json"
     if not spec_path.is_file():
         return None
-    weights = json.loads(spec_path.read_text()).get("spec", {}).get("weights")
+    raw = json.loads(spec_path.read_text()).get("spec", {})
     try:
-        return model_identity(weights)
-    except FileNotFoundError:
+        if raw.get("model", "world") == "world":
+            return world_identity(raw.get("weights"))
+        return backbone_of(GridSpec(**raw)).identity
+    except (FileNotFoundError, ValueError, OSError):
         return None
 
 
@@ -115,7 +119,8 @@ def _cell_protocol(d: dict) -> dict:
 def legacy_lr_default(d: dict) -> float | None:
     """The protocol learning rate of a cell that predates recording it (``config.lr_default``): such
     cells all ran the embedded world model, whose rate is its adapter's ``default_lr``."""
-    return WorldRetrievalModel.default_lr if (d.get("model") or {}).get("world_version") is not None else None
+    model = d.get("model")
+    return WorldRetrievalModel.default_lr if model is None or model.get("world_version") is not None else None
 
 
 def protocol_deviations(protocol: dict) -> dict:
@@ -123,7 +128,8 @@ def protocol_deviations(protocol: dict) -> dict:
     the learning rate against the backbone's own protocol rate that the cell recorded)."""
     dev = {k: protocol[k] for k, v in Protocol.defaults().items()
            if k != "lr" and k in protocol and protocol[k] != v}
-    lr, default = protocol.get("lr"), protocol.get("lr_default")
+    lr = protocol.get("lr")
+    default = protocol["lr_default"] if "lr_default" in protocol else legacy_lr_default({})
     if lr is not None and (default is None or not math.isclose(lr, default, rel_tol=1e-9)):
         dev["lr"] = lr
     return dev

@@ -1,4 +1,4 @@
-"""READ and DeYO on the N-way gallery softmax (METHOD.md §6), and the query-shuffling helpers DeYO needs."""
+"""READ and DeYO on the N-way gallery softmax (docs/method.md §6), and the query-shuffling helpers DeYO needs."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Entropy-based TTA baselines on the N-way gallery softmax: ETA / EATA, SAR, SHOT-IM (METHOD.md §6)."""
+"""Entropy-based TTA baselines on the N-way gallery softmax: ETA / EATA, SAR, SHOT-IM (docs/method.md §6)."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""The pieces of TCR's and REST's objective (METHOD.md §3–§4), as small pure functions.
+"""The pieces of TCR's and REST's objective (docs/method.md §3–§4), as small pure functions.
 
 All functions take L2-normalised query embeddings ``z`` [B, d] (differentiable) and the batch's
 candidates ``c`` [B, d] (each query's nearest gallery item, constant).

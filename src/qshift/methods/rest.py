@@ -1,6 +1,6 @@
 """REST (Li, Yang, Peng, 2025): TCR's refinement + a query-shift-robust objective + gradient decoupling.
 
-The consistency term and the decoupling rule are this project's reconstruction (METHOD.md §4–§5);
+The consistency term and the decoupling rule are this project's reconstruction (docs/method.md §4–§5);
 every *(choice)* there is an option here.
 """
 from __future__ import annotations

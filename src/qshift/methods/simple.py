@@ -38,7 +38,7 @@ class Tent(Method):
 
 @register("oracle")
 class Oracle(Method):
-    """Supervised upper bound (METHOD.md §6): InfoNCE of each query against its true gallery items.
+    """Supervised upper bound (docs/method.md §6): InfoNCE of each query against its true gallery items.
 
     Uses labels, so it is never a competitor; it shows how much LayerNorm-only adaptation could recover.
     ``negatives="gallery"`` (default) contrasts each query's true items with the whole gallery, the

@@ -1,4 +1,4 @@
-"""TCR (Li et al., ICLR 2025): query prediction refinement + REM, uniformity and gap (METHOD.md §3–§4)."""
+"""TCR (Li et al., ICLR 2025): query prediction refinement + REM, uniformity and gap (docs/method.md §3–§4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -24,7 +24,7 @@ class DualTowerModel(TwoTowerBase):
     ``adaptable`` is either a callable ``(tower) -> [(name, param)]`` or ``None`` for every LayerNorm
     affine parameter of the query tower.  ``autocast`` (``bf16`` / ``fp16``) runs the encoders under
     ``torch.autocast`` on ``device``; embeddings are returned in float32 and L2-normalised.
-    ``default_lr`` is the backbone's protocol learning rate (METHOD.md §2: 3e-5 for BLIP text queries);
+    ``default_lr`` is the backbone's protocol learning rate (docs/method.md §2: 3e-5 for BLIP text queries);
     ``None`` leaves it to the query modality's default.
     """
 

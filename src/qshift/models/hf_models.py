@@ -75,7 +75,7 @@ def clip_rule(modality: str):
     return lambda tm: named_layernorms(tm, lambda n: n.endswith((".layer_norm1", ".layer_norm2")), prefix="text_model")
 
 
-#: METHOD.md §2: BLIP text queries adapt at 3e-5 (TCR's setting), not the 3e-4 of every other query
+#: docs/method.md §2: BLIP text queries adapt at 3e-5 (TCR's setting), not the 3e-4 of every other query
 BLIP_TEXT_LR = 3e-5
 
 

@@ -1,4 +1,4 @@
-"""The RetrievalModel protocol every backbone adapter implements (DESIGN.md, core abstractions)."""
+"""The RetrievalModel protocol every backbone adapter implements."""
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 
-#: METHOD.md §2 learning rates by query modality; a backbone may set its own (``model.default_lr``: BLIP
+#: docs/method.md §2 learning rates by query modality; a backbone may set its own (``model.default_lr``: BLIP
 #: text queries 3e-5, the embedded world model 1e-3 — see ``default_lr``)
 DEFAULT_LR = {"image": 3e-4, "text": 3e-4}
 
 
 def default_lr(model: RetrievalModel) -> float:
     """The protocol learning rate of ``model`` when a run does not set one: the backbone's own
-    (``model.default_lr``) if it declares one, else METHOD.md §2's rate for its query modality."""
+    (``model.default_lr``) if it declares one, else docs/method.md §2's rate for its query modality."""
     own = getattr(model, "default_lr", None)
     return float(own) if own is not None else DEFAULT_LR.get(model.query_modality, 3e-4)
 

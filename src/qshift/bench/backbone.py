@@ -1,0 +1,93 @@
+"""A grid's backbone and data: one RetrievalModel per direction from the same specs as ``qshift run``
+(``world``, ``openclip:ARCH``, ``hf-clip:PATH``, ``hf-blip:PATH``, ``custom:module:factory``), its
+identity for result files and staleness, each cell started from the source parameters, and the real
+dataset its benchmarks read."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qshift.api import load_model
+from qshift.bench.world_data import WORLD_VERSION
+from qshift.data import world
+from qshift.data.retrieval_datasets import load_dataset
+from qshift.models.protocol import RetrievalModel, default_lr
+from qshift.models.world_model import shipped_weights_path
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".json", ".txt", ".model")
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file, or of every weight / config / tokenizer file of a folder (names and bytes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
+                                                 and p.suffix in _WEIGHT_SUFFIXES)
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def world_identity(weights: str | Path | None = None) -> dict[str, Any]:
+    """The embedded world model's identity: its weights file (SHA-256) and the world's rendering version."""
+    path = Path(weights) if weights else shipped_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"world-model weights not found: {path}")
+    return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "world_version": WORLD_VERSION,
+            "render_size": world.RENDER_SIZE, **world.world_variant()}
+
+
+class GridBackbone:
+    """The models a grid runs, one per direction (loaded on first use), and the dataset they read."""
+
+    def __init__(self, model: str = "world", weights: str | None = None, *, dataset: str | None = None,
+                 data_root: str | None = None, annotation: str | None = None, preprocess: str = "model",
+                 device: str = "cpu") -> None:
+        if model == "world" and dataset is not None:
+            raise ValueError("the embedded world model cannot read real datasets; set model: openclip:ARCH, "
+                             "hf-clip:PATH, hf-blip:PATH or custom:module:factory")
+        if dataset is not None and data_root is None:
+            raise ValueError("a grid over a real dataset needs data_root (the folder with its images and annotation)")
+        self.spec, self.weights, self.preprocess, self.device = model, weights, preprocess, device
+        self.dataset = None if dataset is None else load_dataset(dataset, data_root, annotation)
+        self._dataset_spec = {"dataset": dataset, "data_root": data_root, "annotation": annotation}
+        self._models: dict[str, RetrievalModel] = {}
+        self._source: dict[str, list[torch.Tensor]] = {}
+        self.identity = self._identity()
+
+    def _identity(self) -> dict[str, Any]:
+        if self.spec == "world":
+            return world_identity(self.weights)
+        out: dict[str, Any] = {"model": self.spec, "weights": self.weights, "preprocess": self.preprocess}
+        local = [p for p in (self.weights, self.spec.partition(":")[2]) if p and Path(p).exists()]
+        if local:
+            out["weights_sha256"] = file_digest(local[0])
+        if self.dataset is not None:
+            out["dataset"] = self._dataset_spec["dataset"]
+            ann = self._dataset_spec["annotation"]
+            out["annotation_sha256"] = file_digest(ann) if ann else None
+            out["n_images"], out["n_captions"] = len(self.dataset), len(self.dataset.captions)
+        return out
+
+    def model(self, direction: str) -> RetrievalModel:
+        """The model for ``direction`` with its adaptable parameters at their source values."""
+        if direction not in self._models:
+            m = load_model(self.spec, direction, self.weights, preprocess=self.preprocess, device=self.device)
+            self._models[direction] = m
+            self._source[direction] = [p.detach().clone() for _, p in m.adaptable_parameters()]
+        m = self._models[direction]
+        with torch.no_grad():
+            for (_, p), s in zip(m.adaptable_parameters(), self._source[direction], strict=True):
+                p.copy_(s)
+        return m
+
+    def lr_default(self, direction: str) -> float:
+        """The backbone's protocol learning rate for ``direction`` (what an unset ``lr`` resolves to)."""
+        return default_lr(self.model(direction))

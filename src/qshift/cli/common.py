@@ -1,0 +1,59 @@
+"""What every ``qshift`` command shares: the Typer app, the consoles, the one-line error, shared options."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+import qshift
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Online test-time adaptation for cross-modal retrieval under query shift.")
+console = Console()
+err = Console(stderr=True, soft_wrap=True)  # one error line, never wrapped mid-path
+
+
+def error(message: object) -> None:
+    """One ``error:`` line on stderr; the message is escaped, so ``rest[lambda_a=1]`` is not read as markup."""
+    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+
+class Direction(str, Enum):
+    i2t = "i2t"
+    t2i = "t2i"
+    both = "both"
+
+
+class Split(str, Enum):
+    test = "test"
+    test1k = "test1k"
+    val = "val"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qshift {qshift.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def app_options(version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None) -> None:
+    """qshift: REST, TCR and test-time adaptation baselines for cross-modal retrieval."""
+
+
+# options shared by eval / run / diagnose for real backbones and datasets
+ModelOpt = Annotated[str, typer.Option("--model", help="world | openclip:ARCH | hf-clip:PATH | hf-blip:PATH | "
+                                                       "custom:module:factory")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="A real dataset instead of the world: coco, flickr, cuhk-pedes, "
+                                                        "icfg-pedes, nocaps[-in|-near|-out], fashiongen; benchmarks then "
+                                                        "read coco/i2t, coco-c/i2t/fog/5, …")]
+DataRootOpt = Annotated[Optional[Path], typer.Option(help="Folder with the dataset's images and annotation.")]
+AnnotationOpt = Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name in --data-root).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
+PreprocessOpt = Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Weights: a world-model file, or a real backbone's tag / "
+                                                        "checkpoint (default: the shipped world model).")]

@@ -1,0 +1,224 @@
+"""``qshift eval``, ``qshift run`` and ``qshift diagnose``: the source model, one online run, diagnostics."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from qshift.cli.common import (AnnotationOpt, DataRootOpt, DatasetOpt, DeviceOpt, Direction, ModelOpt, PreprocessOpt,
+                               Split, WeightsOpt, app, console, err, error as _error)
+
+
+@app.command("eval")
+def eval_cmd(
+    direction: Annotated[Direction, typer.Option(help="Retrieval direction(s) to report.")] = Direction.both,
+    split: Annotated[Split, typer.Option(help="Embedded world split: test (2,000 images), test1k or val.")] = Split.test,
+    weights: WeightsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per line instead of a table.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Encoding batch size.")] = 256,
+    benchmark: Annotated[Optional[list[str]], typer.Option(
+        "--benchmark", "-b", help="A registered benchmark (repeatable; `qshift shifts list`). "
+                                  "Without it: the clean split, in --direction.")] = None,
+    shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
+    model: ModelOpt = "world",
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    annotation: AnnotationOpt = None,
+    device: DeviceOpt = "cpu",
+    preprocess: PreprocessOpt = "model",
+) -> None:
+    """Evaluate the source model (no adaptation): the clean embedded test set, or named benchmarks."""
+    from qshift.bench.evaluate import evaluate_task, evaluate_world_split
+    from qshift.bench.registry import build_benchmark
+    from qshift.data.world import load_split
+    from qshift.models.world_model import load_world_model
+
+    t0 = time.time()
+    if model != "world" or dataset is not None:
+        if not benchmark:
+            err.print("[red]error:[/red] a real backbone or dataset needs --benchmark (e.g. coco/i2t, coco-c/i2t/fog/5)")
+            raise typer.Exit(2)
+        rows = []
+        for name in benchmark:
+            try:
+                task, rmodel = _task_and_model(name, model, weights, dataset, data_root, annotation, device,
+                                               preprocess, shift_seed, not as_json)
+                row, _ = evaluate_task(rmodel, task, batch_size=batch_size, progress=not as_json)
+            except (ValueError, FileNotFoundError, TypeError) as e:
+                _error(e)
+                raise typer.Exit(2)
+            rows.append(row)
+            if as_json:
+                typer.echo(json.dumps(row.as_json()))
+        if not as_json:
+            _print_rows(rows, f"Source model {model} (no adaptation)", t0)
+        return
+    try:
+        world_model = load_world_model(weights)
+    except FileNotFoundError as e:
+        _error(e)
+        raise typer.Exit(2)
+    if benchmark:
+        rows = []
+        for name in benchmark:
+            try:
+                task = build_benchmark(name, shift_seed=shift_seed, progress=not as_json)
+            except ValueError as e:
+                _error(e)
+                raise typer.Exit(2)
+            row, per_domain = evaluate_task(world_model, task, batch_size=batch_size, progress=not as_json)
+            rows.append(row)
+            if as_json:
+                typer.echo(json.dumps(row.as_json()))
+        if not as_json:
+            _print_rows(rows, "Source model (no adaptation) on named benchmarks", t0)
+        return
+    data = load_split(split.value)
+    dirs = ("i2t", "t2i") if direction is Direction.both else (direction.value,)
+    rows = evaluate_world_split(world_model, data, dirs, benchmark=f"world-clean/{split.value}", batch_size=batch_size,
+                                progress=not as_json)
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(r.as_json()))
+        return
+    _print_rows(rows, f"Source model, clean embedded world ({split.value}: {len(data)} images, "
+                      f"{len(data.captions)} captions)", t0)
+
+
+def _print_rows(rows, title: str, t0: float) -> None:
+    table = Table(title=title)
+    for col in ("benchmark", "direction", "R@1", "R@5", "R@10", "mAP", "queries", "gallery"):
+        table.add_column(col, justify="right" if col not in ("benchmark", "direction") else "left")
+    for r in rows:
+        m = r.metrics
+        table.add_row(r.benchmark, r.direction, f"{m['R@1']:.1f}", f"{m['R@5']:.1f}", f"{m['R@10']:.1f}",
+                      f"{m['mAP']:.1f}", str(r.n_queries), str(r.n_gallery))
+    console.print(table)
+    console.print(f"[dim]{time.time() - t0:.1f}s · recalls and mAP in percent · any-positive Recall@K[/dim]")
+
+
+def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],
+                    data_root: Optional[Path], annotation: Optional[Path], device: str, preprocess: str,
+                    shift_seed: int, progress: bool):
+    """Resolve (task, RetrievalModel) for the embedded world or a real dataset + backbone."""
+    from qshift.api import load_model
+
+    from qshift.bench.registry import build_benchmark
+
+    ds = None
+    if dataset is not None:
+        from qshift.data.retrieval_datasets import load_dataset
+
+        if data_root is None:
+            raise ValueError("--dataset needs --data-root (the folder holding the images and the annotation file)")
+        ds = load_dataset(dataset, data_root, annotation)
+    task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress, dataset=ds)
+    if model_spec == "world" and dataset is not None:
+        raise ValueError("the embedded world model cannot read real datasets; pass --model openclip:ARCH, "
+                         "hf-clip:PATH, hf-blip:PATH or custom:module:factory")
+    model = load_model(model_spec, task.direction, weights, preprocess=preprocess, device=device)
+    return task, model
+
+
+@app.command("run")
+def run_cmd(
+    method: Annotated[str, typer.Option(help="Method name (source, tent, tcr, rest, oracle, …).")],
+    benchmark: Annotated[str, typer.Option(help="A registered benchmark (`qshift shifts list`).")],
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Override a protocol knob or method option: key=value (repeatable). Protocol keys: "
+                      "batch_size, steps, lr, weight_decay, scoring, reset, seed; anything else goes to the method.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the run's result JSON.")] = None,
+    weights: WeightsOpt = None,
+    shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
+    model: ModelOpt = "world",
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    annotation: AnnotationOpt = None,
+    device: DeviceOpt = "cpu",
+    preprocess: PreprocessOpt = "model",
+) -> None:
+    """Run one method online over one benchmark stream and report online R@1/5/10 and mAP."""
+    from qshift.engine import parse_settings, run_online
+
+    try:
+        cfg = parse_settings(method, set_ or [])
+    except ValueError as e:
+        _error(e)
+        raise typer.Exit(2)
+    try:
+        task, rmodel = _task_and_model(benchmark, model, Path(weights) if weights and model == "world" else weights,
+                                       dataset, data_root, annotation, device, preprocess, shift_seed, not as_json)
+        result = run_online(rmodel, task, cfg, progress=not as_json)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        _error(e)
+        raise typer.Exit(2)
+    if out is not None:
+        name = f"{benchmark.replace('/', '__')}__{method}__seed{cfg.seed}.json"
+        path = result.save(out / name)
+        if not as_json:
+            console.print(f"result: {path}")
+    row = {"benchmark": benchmark, "direction": task.direction, "method": method, "model": model,
+           "metrics": {k: round(result.metrics[k], 4) for k in ("R@1", "R@5", "R@10", "mAP")},
+           "n_queries": result.n_queries, "n_gallery": result.n_gallery}
+    if result.forgetting is not None:
+        row["forgetting"] = {"clean_delta_R@1": round(result.forgetting["clean_delta_R@1"], 4),
+                             "first_domain_delta_R@1": round(result.forgetting["first_domain_delta_R@1"], 4)}
+    if as_json:
+        typer.echo(json.dumps(row))
+        return
+    table = Table(title=f"{method} on {benchmark} (online, {result.seconds:.0f}s)")
+    for col in ("domain", "R@1", "R@5", "R@10", "mAP"):
+        table.add_column(col, justify="left" if col == "domain" else "right")
+    for dom, m in list(result.per_domain.items()) + [("all", result.metrics)]:
+        table.add_row(dom, *(f"{m[k]:.1f}" for k in ("R@1", "R@5", "R@10", "mAP")))
+    console.print(table)
+    c = result.config
+    console.print(f"protocol: B = {c['batch_size']}, {c['steps']} inner steps, { {'adamw': 'AdamW', 'sgd': 'SGD'}.get(c['optimizer'], c['optimizer'])} lr {c['lr']:g}, weight decay "
+                  f"{c['weight_decay']:g}, scoring {c['scoring']}, reset {c['reset']}, query order seed {c['seed']}",
+                  markup=False, highlight=False)
+    if result.forgetting is not None:
+        f = result.forgetting
+        console.print(f"forgetting: clean R@1 {f['clean_source']['R@1']:.1f} → {f['clean_after']['R@1']:.1f} "
+                      f"({f['clean_delta_R@1']:+.1f}); first domain ({f['first_domain']}) source "
+                      f"{f['first_domain_source']['R@1']:.1f} → re-scored {f['first_domain_after']['R@1']:.1f} "
+                      f"({f['first_domain_delta_R@1']:+.1f})")
+
+
+@app.command("diagnose")
+def diagnose_cmd(
+    benchmark: Annotated[str, typer.Option(help="A registered benchmark (`qshift shifts list`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    weights: WeightsOpt = None,
+    model: ModelOpt = "world",
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    annotation: AnnotationOpt = None,
+    device: DeviceOpt = "cpu",
+    preprocess: PreprocessOpt = "model",
+) -> None:
+    """Uniformity, query–gallery gap, consistency, top-1 similarity and REST's gradient angle: clean vs shifted."""
+    from qshift.bench.diagnose import diagnose_task
+
+    try:
+        task, rmodel = _task_and_model(benchmark, model, Path(weights) if weights and model == "world" else weights,
+                                       dataset, data_root, annotation, device, preprocess, 0, not as_json)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        _error(e)
+        raise typer.Exit(2)
+    result = diagnose_task(rmodel, task)
+    if as_json:
+        typer.echo(json.dumps({"benchmark": benchmark, "diagnostics": result}))
+        return
+    table = Table(title=f"Diagnostics at the source model: {benchmark}")
+    cols = ("uniformity", "gap", "consistency", "top1_similarity", "angle_deg")
+    table.add_column("queries")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for dom, d in result.items():
+        table.add_row(dom, *(f"{d[c]:.3f}" if c != "angle_deg" else f"{d[c]:.1f}" for c in cols))
+    console.print(table)

@@ -1,0 +1,86 @@
+"""``qshift shifts …``: list, preview and materialise the query shifts and benchmarks."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from qshift.cli.common import (app, console, error as _error)
+
+
+shifts_app = typer.Typer(no_args_is_help=True, help="List and preview the query shifts and benchmarks.")
+app.add_typer(shifts_app, name="shifts")
+
+
+@shifts_app.command("list")
+def shifts_list(
+    pattern: Annotated[Optional[str], typer.Argument(help="Only names containing this text.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="A real dataset's benchmarks instead of the world's "
+                                                        "(coco, flickr, cuhk-pedes, …).")] = None,
+    families: Annotated[bool, typer.Option("--families", help="One line per benchmark family: its pattern, "
+                                                              "direction and report table.")] = False,
+) -> None:
+    """Print every registered benchmark name, one per line (or the families)."""
+    from qshift.bench import registry
+    from qshift.data.retrieval_datasets import DATASET_NAMES
+
+    if families:
+        for fam in registry.families():
+            kind = "stream" if fam.title is None else f"table {fam.title!r}"
+            typer.echo(f"{fam.pattern}\t{fam.direction}\t{kind}" + ("\t(real dataset)" if fam.needs_dataset else ""))
+        return
+    if dataset is not None and dataset not in DATASET_NAMES:
+        _error(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASET_NAMES)}")
+        raise typer.Exit(2)
+    for name in registry.list_benchmarks(dataset):
+        if pattern is None or pattern in name:
+            typer.echo(name)
+
+
+@shifts_app.command("materialize")
+def shifts_materialize(
+    dataset: Annotated[str, typer.Option(help="coco, flickr, cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out].")],
+    data_root: Annotated[Path, typer.Option(help="Folder with the clean images and the annotation file.")],
+    out: Annotated[Path, typer.Option(help="Where to write <corruption>/<severity>/ copies.")],
+    corruption: Annotated[Optional[list[str]], typer.Option(help="Corruption(s) (repeatable; default: the 16).")] = None,
+    severity: Annotated[Optional[list[int]], typer.Option(min=1, max=5, help="Severity (repeatable; default 1–5).")]
+    = None,
+    annotation: Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name).")] = None,
+    seed: Annotated[int, typer.Option(help="Shift seed (the same pixels as the on-the-fly benchmark).")] = 0,
+    layout: Annotated[str, typer.Option(help="qshift: <out>/<corruption>/<severity>/ with the annotation (a drop-in "
+                                             "--data-root); tcr: TCR's <out>/coco-IP/COCO_IP_<c>_<s>/ image roots.")]
+    = "qshift",
+) -> None:
+    """Write corrupted copies of a real dataset to disk, for people who want files."""
+    from qshift.data import retrieval_datasets as RD
+    from qshift.shifts.image import CORRUPTIONS
+    from qshift.data.karpathy import DATASETS, materialize
+
+    try:
+        ds = RD.load_dataset(dataset, data_root, annotation)
+        default = DATASETS.get(dataset) or RD.PEDES.get(dataset) or RD.NOCAPS_FILE
+        ann = annotation or data_root / default
+        n = materialize(ds, data_root, ann, out, corruption or list(CORRUPTIONS), severity or [1, 2, 3, 4, 5], seed,
+                        layout=layout)
+    except (ValueError, FileNotFoundError) as e:
+        _error(e)
+        raise typer.Exit(2)
+    where = "<corruption>/<severity>/ (each a drop-in --data-root)" if layout == "qshift" else "TCR's *-IP/ image roots"
+    console.print(f"wrote {n} images under {out}/{where}")
+
+
+@shifts_app.command("preview")
+def shifts_preview(
+    out: Annotated[Path, typer.Option(help="PNG to write: every corruption × severity, and the domains.")]
+    = Path("shifts_preview.png"),
+    image_index: Annotated[int, typer.Option(min=0, help="Which test image to corrupt.")] = 0,
+    seed: Annotated[int, typer.Option(help="Shift seed.")] = 0,
+) -> None:
+    """Draw every image corruption at every severity (and the QGS domains); print text examples."""
+    from qshift.bench.preview import draw_image_preview, text_examples
+
+    path = draw_image_preview(out, image_index=image_index, seed=seed)
+    console.print(f"wrote {path}")
+    for line in text_examples(image_index=image_index, seed=seed):
+        console.print(line, markup=False, highlight=False)
