@@ -37,12 +37,12 @@ def test_corruption_task_and_cache(small_world, tmp_path):
     q = task.query_sets[0]
     assert q.domain == "brightness-3" and q.items.shape == (40, world.RENDER_SIZE, world.RENDER_SIZE, 3)
     assert not np.array_equal(q.items, task.clean_queries.items)
-    cached = list((tmp_path / "cache").glob("corrupt-*.npy"))
+    cached = list((tmp_path / "cache").glob("corrupt-*.qsc"))
     assert len(cached) == 1
     again = registry.build_benchmark("world-c/i2t/brightness/3")
     np.testing.assert_array_equal(again.query_sets[0].items, q.items)
     other_seed = registry.build_benchmark("world-c/i2t/brightness/3", shift_seed=1)
-    assert len(list((tmp_path / "cache").glob("corrupt-*.npy"))) == 2
+    assert len(list((tmp_path / "cache").glob("corrupt-*.qsc"))) == 2
     assert other_seed.query_sets[0].items.shape == q.items.shape
 
 
@@ -90,8 +90,8 @@ def test_a_larger_render_size_gives_larger_images_cached_apart(small_world, tmp_
     big = registry.build_benchmark("world-c/i2t/gaussian_noise/5")
     assert big.query_sets[0].items.shape == (40, 2 * world.IMAGE_SIZE, 2 * world.IMAGE_SIZE, 3)
     assert small.query_sets[0].items.shape[1] == world.IMAGE_SIZE
-    assert len(list((tmp_path / "cache").glob("corrupt-*.npy"))) == 2  # not served from the 96 px entry
-    assert len(list((tmp_path / "cache").glob("render-*.npy"))) == 2
+    assert len(list((tmp_path / "cache").glob("corrupt-*.qsc"))) == 2  # not served from the 96 px entry
+    assert len(list((tmp_path / "cache").glob("render-*.qsc"))) == 2
 
 
 def test_render_size_comes_from_the_environment_and_is_checked():
@@ -159,7 +159,7 @@ def test_a_world_variant_is_cached_apart_and_recorded_in_the_model_identity(smal
     assert "bg_grey" not in model_identity(None)
     monkeypatch.setattr(world, "BG_GREY", (20.0, 60.0))
     assert model_identity(None)["bg_grey"] == [20.0, 60.0]
-    assert len(list((tmp_path / "cache").glob("render-*.npy"))) == 1
+    assert len(list((tmp_path / "cache").glob("render-*.qsc"))) == 1
     registry.build_benchmark("world-c/i2t/gaussian_noise/5")
-    assert len(list((tmp_path / "cache").glob("render-*.npy"))) == 2  # not served from the standard entry
+    assert len(list((tmp_path / "cache").glob("render-*.qsc"))) == 2  # not served from the standard entry
     assert std.query_sets[0].items.shape[0] == 40

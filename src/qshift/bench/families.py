@@ -69,6 +69,18 @@ def _orders() -> _Orders:
 
 # ------------------------------------------------------------------------------- helpers
 
+def _rows(ctx: BuildContext, n: int, n_sets: int = 1) -> np.ndarray | None:
+    """The rows of a set of ``n`` queries that the task's ``max_queries`` subsample will keep (None: all),
+    so that only those are rendered or corrupted; the pixels of row i are the same either way."""
+    if ctx.max_queries is None or ctx.max_queries // n_sets < 1:
+        return None
+    return world_data.subsample_rows(n, ctx.max_queries // n_sets)
+
+
+def _ids(rows: np.ndarray | None, n: int) -> np.ndarray:
+    return np.arange(n) if rows is None else rows
+
+
 def _split(ctx: BuildContext, name: str | None = None) -> world.WorldSplit:
     return world.load_split(name or ctx.split)
 
@@ -114,8 +126,9 @@ def _clean(ctx, p):
 
 def _corrupted(ctx, p):
     test, c, sev = _split(ctx), p["corruption"], p["severity"]
-    q = world_data.corrupted_images(test, c, sev, ctx.shift_seed, ctx.workers, ctx.progress)
-    return _i2t(test, [streams.QuerySet(f"{c}-{sev}", q, np.arange(len(test)))], clean=_image_set(ctx, test))
+    rows = _rows(ctx, len(test))
+    q = world_data.corrupted_images(test, c, sev, ctx.shift_seed, ctx.workers, ctx.progress, rows=rows)
+    return _i2t(test, [streams.QuerySet(f"{c}-{sev}", q, _ids(rows, len(test)))], clean=_image_set(ctx, test))
 
 
 def _perturbed(ctx, p):
@@ -169,23 +182,25 @@ def _mixed_t2i(ctx, p):
 def _diverse_corruptions(names: tuple[str, ...], split_name: str | None):
     def build(ctx, p):
         split = _split(ctx, split_name)
+        rows = _rows(ctx, len(split), len(names))
         sets = [streams.QuerySet(f"{c}-5", world_data.corrupted_images(split, c, 5, ctx.shift_seed, ctx.workers,
-                                                                       ctx.progress), np.arange(len(split)))
-                for c in names]
+                                                                       ctx.progress, rows=rows),
+                                 _ids(rows, len(split))) for c in names]
         return _i2t(split, sets, "sequential", _order(len(sets), p["order"]), clean=_image_set(ctx, split))
     return build
 
 
 def _diverse_i2t_mix8(ctx, p):
     split = _split(ctx, "test1k")
+    rows = _rows(ctx, len(split), len(DIVERSE_I2T_MIX8))
     sets = []
     for dom in DIVERSE_I2T_MIX8:
         if dom in world.DOMAINS:
-            q = _images(ctx, split, dom)
+            q = world_data.domain_images(split, dom, ctx.workers, ctx.progress, rows=rows)
         else:
             c, sev = dom.rsplit("-", 1)
-            q = world_data.corrupted_images(split, c, int(sev), ctx.shift_seed, ctx.workers, ctx.progress)
-        sets.append(streams.QuerySet(dom, q, np.arange(len(split))))
+            q = world_data.corrupted_images(split, c, int(sev), ctx.shift_seed, ctx.workers, ctx.progress, rows=rows)
+        sets.append(streams.QuerySet(dom, q, _ids(rows, len(split))))
     return _i2t(split, sets, "sequential", _order(len(sets), p["order"]), clean=_image_set(ctx, split))
 
 
