@@ -1,13 +1,15 @@
 """Source-model evaluation on the embedded world (``qshift eval``)."""
 from __future__ import annotations
 
+import hashlib
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qshift.data import world
-from qshift.models.world_model import WorldDualEncoder
+from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel
 from qshift.retrieval.encode import encode_batched
 from qshift.retrieval.metrics import retrieval_metrics
 
@@ -60,10 +62,7 @@ _GALLERY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def items_fingerprint(items) -> str:
-    import hashlib
-
-    import numpy as np
-
+    """SHA-256 of a gallery's content (an image array's shape and bytes, or its strings)."""
     h = hashlib.sha256()
     if isinstance(items, np.ndarray):
         h.update(str(items.shape).encode())
@@ -83,8 +82,6 @@ def evaluate_task(model, task, batch_size: int = 256, progress: bool = False) ->
     content), so a sweep over benchmarks that share a gallery encodes it once; the model must not
     change between calls (no adaptation here).
     """
-    from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel
-
     if isinstance(model, WorldDualEncoder):
         model.eval()
         rm = WorldRetrievalModel(model, query_modality=task.query_modality)

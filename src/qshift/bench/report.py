@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from qshift.atomic import save_figure_atomic, write_text_atomic
+from qshift.bench import store
 from qshift.bench.backbone import world_identity
+from qshift.bench.grid import GridSpec, backbone_of
 from qshift.bench.registry import describe
 from qshift.models.world_model import WorldRetrievalModel
 from qshift.options import Protocol
@@ -65,8 +67,6 @@ def current_model(out: str | Path) -> dict | None:
     """The backbone identity a grid folder's cells should have now: that of the model, weights and data
     its ``grid.json`` names (the shipped world model when it names none); None when there is no
     ``grid.json`` or its backbone cannot be found here (then every cell is kept)."""
-    from qshift.bench.grid import GridSpec, backbone_of
-
     spec_path = Path(out) / "grid.json"
     if not spec_path.is_file():
         return None
@@ -87,8 +87,6 @@ def load_cells(out: str | Path, model: dict | None | str = "current", excluded: 
     ``model``: keep only cells made with this world-model identity — by default the one the grid's
     ``grid.json`` names now, so a table never mixes cells of two models; None keeps every cell. The
     paths of the cells left out are appended to ``excluded`` when it is given."""
-    from qshift.bench import store
-
     if not store.has_cells(out):
         raise FileNotFoundError(f"no grid results under {Path(out) / 'cells'} (nor {store.index_path(out)}); "
                                 "run `qshift bench` first")
@@ -182,8 +180,6 @@ def protocol_notes(cells: list[Cell]) -> list[str]:
 
 def load_errors(out: str | Path) -> list[dict]:
     """The records of a grid folder's failed cells (``cells/*/*/seed<k>.error.json``)."""
-    from qshift.bench import store
-
     return [d for _, d in store.iter_errors(out)]
 
 
