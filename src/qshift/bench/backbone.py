@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from qshift.api import load_model
+from qshift.models.load import load_model
 from qshift.bench.world_data import WORLD_VERSION
 from qshift.data import world
 from qshift.data.retrieval_datasets import load_dataset

@@ -105,7 +105,7 @@ def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], da
                     data_root: Optional[Path], annotation: Optional[Path], device: str, preprocess: str,
                     shift_seed: int, progress: bool):
     """Resolve (task, RetrievalModel) for the embedded world or a real dataset + backbone."""
-    from qshift.api import load_model
+    from qshift.models.load import load_model
 
     from qshift.bench.registry import build_benchmark
 
