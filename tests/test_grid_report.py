@@ -207,13 +207,13 @@ def test_library_api_adapts_retrieves_and_resumes(tiny_model, tmp_path):
     ref_ids, ref_scores = ad.retrieve(images[8:16], k=5)  # the uninterrupted stream
     params_after = [p.detach().clone() for p in ad.method.params]
     # a fresh process: new adapter, load the state, feed the same next batch
-    ad.reset()
+    ad.close()  # back to the source parameters, and the model is free for another Adapter
     ad2 = qshift.Adapter(model, split.captions, method="tcr", gallery_ids=split.caption_image, lr=1e-2)
     ad2.load_state(state)
     ids2, scores2 = ad2.retrieve(images[8:16], k=5)
     assert torch.equal(ids2, ref_ids) and torch.allclose(scores2, ref_scores)
     assert all(torch.allclose(a, b) for a, b in zip(ad2.method.params, params_after))
-    other = qshift.Adapter(model, split.captions, method="tent", gallery_ids=split.caption_image)
+    other = qshift.Adapter(model, split.captions, method="tent", gallery_ids=split.caption_image, copy_model=True)
     with pytest.raises(ValueError, match="method"):
         other.load_state(state)
     with pytest.raises(ValueError, match="normalised"):

@@ -6,6 +6,8 @@ forgetting probes for sequential streams, cost, and is saved as one JSON file.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -102,6 +104,9 @@ class RunResult:
     peak_rss_mb: float  # the process's peak resident memory so far (a grid's cells share one process)
     environment: dict
     peak_cuda_mb: float | None = None  # this run's peak CUDA allocation; None on CPU
+    collapse_resets: int = 0  # how often the collapse guard (reset=on-collapse) sent the method back to source
+    model: dict | None = None  # the backbone's identity (spec, weights hash, dataset and annotation hash)
+    shift_seed: int | None = None  # the seed of the benchmark's corruptions / perturbations
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -109,6 +114,15 @@ class RunResult:
     def save(self, path: str | Path) -> Path:
         """Write atomically (no half-written result files)."""
         return write_text_atomic(path, json.dumps(self.as_json(), indent=1, default=_jsonable))
+
+
+def result_filename(result: RunResult) -> str:
+    """``<benchmark>__<method>__seed<k>__<hash>.json``: the hash covers the resolved config, the backbone
+    and the shift seed, so runs with other options never overwrite each other (an identical rerun does)."""
+    key = json.dumps({"config": result.config, "model": result.model, "shift_seed": result.shift_seed,
+                      "benchmark": result.benchmark}, sort_keys=True, default=_jsonable)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return f"{result.benchmark.replace('/', '__')}__{result.config['method']}__seed{result.config['seed']}__{digest}.json"
 
 
 def _jsonable(x):
@@ -125,13 +139,28 @@ def environment(device: torch.device | str | None = None) -> dict:
     """Versions and hardware for a result file; ``device`` adds the device a run used (and the GPU's name)."""
     env = {"qshift": qshift.__version__, "torch": str(torch.__version__), "numpy": np.__version__,
            "python": platform.python_version(), "platform": platform.platform(), "processor": _processor(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), **_library_versions()}
     if device is not None:
         device = torch.device(device)
         env["device"] = str(device)
         if device.type == "cuda":
             env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+#: the distributions whose versions can change a result (backbones, corruptions, perturbations)
+RESULT_LIBRARIES = ("torchvision", "open_clip_torch", "transformers", "timm", "imagecorruptions-imaug", "nlpaug",
+                    "nltk", "pillow")
+
+
+def _library_versions() -> dict[str, str]:
+    out = {}
+    for dist in RESULT_LIBRARIES:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def _processor() -> str:
@@ -236,6 +265,7 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
                       "first_domain_delta_R@1": first_after["R@1"] - source_first["R@1"],
                       "first_domain_online": per_domain[first_domain_set.domain], "curve": forgetting_curve}
     adapted, total = _count(model)
+    resets = sum(1 for b in batches if b.get("collapse_reset"))
     return RunResult(
         benchmark=task.name, direction=task.direction,
         config=cfg.record(model),
@@ -245,7 +275,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         params_adapted=adapted if method.adapts else 0, params_total=total,
         seconds=time.perf_counter() - t0,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, environment=environment(device),
-        peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+        peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        collapse_resets=resets)
 
 
 def _delta(now: dict[str, float], ref: dict[str, float]) -> dict[str, float]:

@@ -21,7 +21,7 @@ import yaml
 T = TypeVar("T", bound="Options")
 
 SCORING_MODES = ("pre", "tcr", "post")
-RESETS = ("never", "episodic", "reset_each_domain")
+RESETS = ("never", "episodic", "reset_each_domain", "on-collapse")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -189,9 +189,16 @@ class Protocol(Options):
     scoring: str = option("tcr", "which forward's similarities score a batch: the first (`pre`), the last "
                                  "inner step's (`tcr`), or one more after the last update (`post`)",
                           choices=SCORING_MODES)
-    reset: str = option("never", "back to the source parameters: never, before every batch (`episodic`), or "
-                                 "at each domain boundary of a sequential stream", choices=RESETS)
+    reset: str = option("never", "back to the source parameters: never, before every batch (`episodic`), at "
+                                 "each domain boundary of a sequential stream (needs domain labels), or when the "
+                                 "collapse guard fires (`on-collapse`, label-free: qshift.methods.guard)",
+                        choices=RESETS)
     optimizer: str = option("adamw", "optimizer of the adapted parameters", choices=OPTIMIZERS)
+    collapse_window: int = option(4, "batches the collapse guard averages its diversity ratio over "
+                                     "(with reset=on-collapse)", minimum=1, maximum=1000)
+    collapse_ratio: float = option(0.5, "the guard resets when the adapted model's distinct top-1 items over the "
+                                        "source model's, averaged over the window, fall below this",
+                                   minimum=0.0, maximum=1.0)
     momentum: float = option(0.9, "SGD momentum (with optimizer `sgd`)", minimum=0.0)
 
     def with_lr(self, lr: float) -> "Protocol":

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm.auto import tqdm
 
-from qshift.atomic import write_text_atomic
+from qshift.atomic import clean_stale_tmp, prepare_output_dir, write_text_atomic
 from qshift.bench import store
 from qshift.bench.backbone import GridBackbone, world_identity
 from qshift.bench.diagnose import diagnose_task
@@ -41,6 +41,9 @@ PROTOCOL_KEYS = Protocol.names()
 BASELINES = ("source", "tent", "eta", "sar", "shot-im", "read", "deyo", "tcr", "rest")
 
 
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,=+\-\[\]]*")
+
+
 class MethodSpec(BaseModel):
     """One row of the grid: a registered method, optionally with options under its own label."""
 
@@ -48,6 +51,15 @@ class MethodSpec(BaseModel):
     name: str
     label: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("label")
+    @classmethod
+    def _safe_label(cls, v):
+        # a label names a folder of the grid's results: nothing that could leave it
+        if v is not None and (not _SAFE_LABEL.fullmatch(v) or ".." in v):
+            raise ValueError(f"method label {v!r} may hold only letters, digits and _ . , = + - [ ] (no '/', "
+                             "no '..', not starting with '.')")
+        return v
 
     @property
     def key(self) -> str:
@@ -58,9 +70,9 @@ class GridSpec(BaseModel):
     """A grid: methods × benchmarks × seeds, with shared protocol settings."""
 
     model_config = ConfigDict(extra="forbid")
-    methods: list[MethodSpec]
-    benchmarks: list[str]
-    seeds: list[int] = [0]
+    methods: list[MethodSpec] = Field(min_length=1)
+    benchmarks: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
     protocol: dict[str, Any] = Field(default_factory=dict)
     max_queries: int | None = Field(default=None, ge=1, description="subsample each benchmark's queries")
     diagnostics: list[str] = Field(default_factory=list, description="benchmarks to run `diagnose` on")
@@ -201,14 +213,50 @@ def load_grid(path: str | Path) -> tuple[GridSpec, dict[str, list[str]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"grid file not found: {path}")
-    raw = _exponent_floats(yaml.safe_load(path.read_text()) or {})
+    try:
+        raw = _exponent_floats(yaml.safe_load(path.read_text()) or {})
+    except yaml.YAMLError as e:  # syntax errors and unsafe tags (`!!python/…`) alike
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path}: not a valid grid YAML file{at}: {problem}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the grid file: {e}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a grid file must be a mapping with 'methods' and 'benchmarks'")
     only = raw.pop("only", {}) or {}
     try:
-        return GridSpec(**raw), only
-    except Exception as e:  # pydantic's message names the field at fault
+        spec = GridSpec(**raw)
+    except ValidationError as e:  # pydantic's message names the field at fault
+        first = e.errors()[0]
+        raise ValueError(f"{path}: invalid grid: {'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from e
+    except TypeError as e:
         raise ValueError(f"{path}: invalid grid: {e}") from e
+    return spec, check_only(only, spec, path)
+
+
+def check_only(only: Any, spec: GridSpec, where: object = "grid") -> dict[str, list[str]]:
+    """Validate a grid's ``only:`` (benchmark pattern → the method labels that run on it): a mapping
+    of strings to lists of known labels, each pattern matching one of the grid's benchmarks."""
+    if not isinstance(only, dict):
+        raise ValueError(f"{where}: 'only' must map benchmark patterns to lists of method labels, e.g. "
+                         f"{{'world-diverse/*': ['source', 'rest']}}, got a {type(only).__name__}")
+    labels = {m.key for m in spec.methods}
+    benches = spec.expanded_benchmarks()
+    out = {}
+    for pat, allowed in only.items():
+        if isinstance(allowed, str):
+            allowed = [allowed]
+        if not isinstance(pat, str) or not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+            raise ValueError(f"{where}: 'only' entry {pat!r} must be a benchmark pattern with a list of labels")
+        unknown = sorted(set(allowed) - labels)
+        if unknown:
+            raise ValueError(f"{where}: 'only' entry {pat!r} names method label(s) {unknown} not in the grid "
+                             f"(labels: {', '.join(sorted(labels))})")
+        if not any(fnmatch.fnmatchcase(b, pat) for b in benches):
+            raise ValueError(f"{where}: 'only' pattern {pat!r} matches none of the grid's benchmarks")
+        out[pat] = list(allowed)
+    return out
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -244,6 +292,8 @@ def plan(spec: GridSpec, only: dict[str, list[str]] | None = None) -> list[tuple
                 continue
             for seed in spec.seeds:
                 cells.append((bench, m, seed))
+    if not cells:
+        raise ValueError("the grid selects no cells (check 'only': every benchmark's allowed labels are excluded)")
     return cells
 
 
@@ -339,8 +389,8 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
              log: Callable[[str], None] | None = None) -> dict[str, int]:
     """Run every unfinished cell of the grid; returns counts of done / skipped / failed cells."""
     log = log or (lambda msg: tqdm.write(msg))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out)
+    clean_stale_tmp(out, recursive=True)  # what a killed run left half-written
     backbone = backbone_of(spec)
     status = cell_status(spec, out, only, backbone)
     _atomic_json(out / "grid.json", {"spec": spec.model_dump(), "only": only or {}, "cells": len(status)})
@@ -373,7 +423,7 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
             cfg = RunConfig(method=m.name, protocol=cell_protocol(spec, m), seed=seed, method_options=_own_options(m))
             result = run_online(model, task, cfg, progress=False, gallery_embeddings=gallery_cache[gkey])
             payload = result.as_json()
-            payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "max_queries": spec.max_queries,
+            payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "shift_seed": spec.shift_seed, "max_queries": spec.max_queries,
                             "model": backbone.identity})
             store.write_cell(out, bench, m.key, seed, payload)
             err_path.unlink(missing_ok=True)

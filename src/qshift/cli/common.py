@@ -14,6 +14,10 @@ from rich.markup import escape
 
 import qshift
 
+#: what a command reports as one ``error:`` line and exit 2: the user's input was wrong (UserError is a
+#: ValueError), a file is missing, or an object does not have the expected type
+USER_ERRORS = (ValueError, FileNotFoundError, TypeError)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Online test-time adaptation for cross-modal retrieval under query shift.")
 console = Console()

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from qshift.cli.common import (AnnotationOpt, DataRootOpt, DatasetOpt, DeviceOpt, Direction, ModelOpt, PreprocessOpt,
-                               Split, WeightsOpt, app, console, err, error as _error)
+from qshift.cli.common import (USER_ERRORS, AnnotationOpt, DataRootOpt, DatasetOpt, DeviceOpt, Direction, ModelOpt,
+                               PreprocessOpt, Split, WeightsOpt, app, console, err, error as _error)
 
 
 @app.command("eval")
@@ -45,10 +45,10 @@ def eval_cmd(
         rows = []
         for name in benchmark:
             try:
-                task, rmodel = _task_and_model(name, model, weights, dataset, data_root, annotation, device,
-                                               preprocess, shift_seed, not as_json)
+                task, rmodel, _ = _task_and_model(name, model, weights, dataset, data_root, annotation, device,
+                                                  preprocess, shift_seed, not as_json)
                 row, _ = evaluate_task(rmodel, task, batch_size=batch_size, progress=not as_json)
-            except (ValueError, FileNotFoundError, TypeError) as e:
+            except USER_ERRORS as e:
                 _error(e)
                 raise typer.Exit(2)
             rows.append(row)
@@ -59,7 +59,7 @@ def eval_cmd(
         return
     try:
         world_model = load_world_model(weights)
-    except FileNotFoundError as e:
+    except USER_ERRORS as e:
         _error(e)
         raise typer.Exit(2)
     if benchmark:
@@ -104,24 +104,23 @@ def _print_rows(rows, title: str, t0: float) -> None:
 def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],
                     data_root: Optional[Path], annotation: Optional[Path], device: str, preprocess: str,
                     shift_seed: int, progress: bool):
-    """Resolve (task, RetrievalModel) for the embedded world or a real dataset + backbone."""
-    from qshift.models.load import load_model
+    """Resolve (task, RetrievalModel, GridBackbone) for the embedded world or a real dataset + backbone.
 
-    from qshift.bench.registry import build_benchmark
+    The cheap checks come first (the dataset's files, the benchmark's name, the model and its weights),
+    the benchmark's queries are built last: a mistake costs seconds, not a built benchmark."""
+    from qshift.bench.backbone import GridBackbone
+    from qshift.bench.registry import build_benchmark, resolve
 
-    ds = None
-    if dataset is not None:
-        from qshift.data.retrieval_datasets import load_dataset
-
-        if data_root is None:
-            raise ValueError("--dataset needs --data-root (the folder holding the images and the annotation file)")
-        ds = load_dataset(dataset, data_root, annotation)
-    task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress, dataset=ds)
-    if model_spec == "world" and dataset is not None:
-        raise ValueError("the embedded world model cannot read real datasets; pass --model openclip:ARCH, "
-                         "hf-clip:PATH, hf-blip:PATH or custom:module:factory")
-    model = load_model(model_spec, task.direction, weights, preprocess=preprocess, device=device)
-    return task, model
+    if dataset is not None and data_root is None:
+        raise ValueError("--dataset needs --data-root (the folder holding the images and the annotation file)")
+    backbone = GridBackbone(model_spec, None if weights is None else str(weights), dataset=dataset,
+                            data_root=None if data_root is None else str(data_root),
+                            annotation=None if annotation is None else str(annotation), preprocess=preprocess,
+                            device=device)
+    fam, params = resolve(benchmark, backbone.dataset)
+    model = backbone.model(fam.direction_of(params))
+    task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress, dataset=backbone.dataset)
+    return task, model, backbone
 
 
 @app.command("run")
@@ -143,25 +142,21 @@ def run_cmd(
     preprocess: PreprocessOpt = "model",
 ) -> None:
     """Run one method online over one benchmark stream and report online R@1/5/10 and mAP."""
-    from qshift.engine import parse_settings, run_online
+    from qshift.atomic import prepare_output_dir
+    from qshift.engine import parse_settings, result_filename, run_online
 
-    try:
+    try:  # everything that can be checked before the benchmark is built
         cfg = parse_settings(method, set_ or [])
-    except ValueError as e:
-        _error(e)
-        raise typer.Exit(2)
-    try:
-        task, rmodel = _task_and_model(benchmark, model, Path(weights) if weights and model == "world" else weights,
-                                       dataset, data_root, annotation, device, preprocess, shift_seed, not as_json)
+        if out is not None:
+            prepare_output_dir(out)
+        task, rmodel, backbone = _task_and_model(benchmark, model, weights, dataset, data_root, annotation, device,
+                                                 preprocess, shift_seed, not as_json)
         result = run_online(rmodel, task, cfg, progress=not as_json)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except USER_ERRORS as e:
         _error(e)
         raise typer.Exit(2)
-    if out is not None:
-        name = f"{benchmark.replace('/', '__')}__{method}__seed{cfg.seed}.json"
-        path = result.save(out / name)
-        if not as_json:
-            console.print(f"result: {path}")
+    result.model = backbone.identity
+    result.shift_seed = shift_seed
     row = {"benchmark": benchmark, "direction": task.direction, "method": method, "model": model,
            "metrics": {k: round(result.metrics[k], 4) for k in ("R@1", "R@5", "R@10", "mAP")},
            "n_queries": result.n_queries, "n_gallery": result.n_gallery}
@@ -170,7 +165,19 @@ def run_cmd(
                              "first_domain_delta_R@1": round(result.forgetting["first_domain_delta_R@1"], 4)}
     if as_json:
         typer.echo(json.dumps(row))
-        return
+    else:
+        _print_run(result, method, benchmark)
+    if out is not None:  # after the metrics are out: a failed write loses nothing that was printed
+        try:
+            path = result.save(out / result_filename(result))
+        except OSError as e:
+            _error(f"the run finished but its result could not be written to {out}: {e}")
+            raise typer.Exit(1)
+        if not as_json:
+            console.print(f"result: {path}", markup=False, highlight=False)
+
+
+def _print_run(result, method: str, benchmark: str) -> None:
     table = Table(title=f"{method} on {benchmark} (online, {result.seconds:.0f}s)")
     for col in ("domain", "R@1", "R@5", "R@10", "mAP"):
         table.add_column(col, justify="left" if col == "domain" else "right")
@@ -181,6 +188,9 @@ def run_cmd(
     console.print(f"protocol: B = {c['batch_size']}, {c['steps']} inner steps, { {'adamw': 'AdamW', 'sgd': 'SGD'}.get(c['optimizer'], c['optimizer'])} lr {c['lr']:g}, weight decay "
                   f"{c['weight_decay']:g}, scoring {c['scoring']}, reset {c['reset']}, query order seed {c['seed']}",
                   markup=False, highlight=False)
+    if c["reset"] == "on-collapse":
+        console.print(f"collapse guard: fired {result.collapse_resets} time(s) (window {c['collapse_window']} "
+                      f"batches, ratio {c['collapse_ratio']:g})", markup=False, highlight=False)
     if result.forgetting is not None:
         f = result.forgetting
         console.print(f"forgetting: clean R@1 {f['clean_source']['R@1']:.1f} → {f['clean_after']['R@1']:.1f} "
@@ -205,9 +215,9 @@ def diagnose_cmd(
     from qshift.bench.diagnose import diagnose_task
 
     try:
-        task, rmodel = _task_and_model(benchmark, model, Path(weights) if weights and model == "world" else weights,
-                                       dataset, data_root, annotation, device, preprocess, 0, not as_json)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+        task, rmodel, _ = _task_and_model(benchmark, model, weights, dataset, data_root, annotation, device,
+                                          preprocess, 0, not as_json)
+    except USER_ERRORS as e:
         _error(e)
         raise typer.Exit(2)
     result = diagnose_task(rmodel, task)

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from qshift.cli.common import (AnnotationOpt, DataRootOpt, DatasetOpt, WeightsOpt, app, console, err, error as _error)
+from qshift.atomic import prepare_output_dir
 from qshift.options import Protocol
 
 
@@ -88,7 +89,10 @@ def bench_cmd(
                     "data_root": None if data_root is None else str(data_root),
                     "annotation": None if annotation is None else str(annotation)}
         spec = spec.model_copy(update={k: v for k, v in backbone.items() if v is not None})
+        only = G.check_only(only, spec)  # again: --seeds / --model may have changed what it matches
         G.plan(spec, only)  # validates every cell before anything runs
+        if not dry_run:
+            prepare_output_dir(out)
         if dry_run:
             for bench, m, seed, finished in G.cell_status(spec, out, only):
                 typer.echo(f"{'done' if finished else 'todo'}\t{m.key}\t{bench}\tseed{seed}")
@@ -107,12 +111,14 @@ def bench_cmd(
 
 @app.command("report")
 def report_cmd(
-    folder: Annotated[Path, typer.Argument(help="A grid folder written by `qshift bench`.")],
+    folder: Annotated[Path, typer.Argument(help="A grid folder written by `qshift bench`, or a folder of "
+                                                "`qshift run --out` result files (found by content, any names).")],
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default: FOLDER/report).")] = None,
     readme: Annotated[Optional[Path], typer.Option(help="Also replace the generated grid block of this README.")]
     = None,
 ) -> None:
-    """Markdown + CSV tables in the papers' layout and PNG plots from a grid's results."""
+    """Markdown + CSV tables in the papers' layout and PNG plots (heatmaps, streams, forgetting) from a
+    grid's results or a folder of run results."""
     from qshift.bench.report import update_readme, write_report
 
     try:
@@ -126,6 +132,9 @@ def report_cmd(
     if rep["stale"]:
         err.print(f"[yellow]{rep['stale']} cell(s) made with another world model were left out; "
                   f"`qshift bench` reruns them[/yellow]")
+    if rep.get("source") == "runs":
+        console.print("read run result files (`qshift run --out`); they do not name their backbone, so the tables "
+                      "assume one model and data throughout", markup=False, highlight=False)
     console.print(f"report: {rep['report']}\ntables: {len(rep['csv'])} CSV in {rep['report'].parent / 'tables'}\n"
                   f"plots: {len(rep['plots'])} PNG in {rep['report'].parent / 'plots'}")
     if readme is not None:

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from qshift.errors import NonFiniteError, UserError
+from qshift.methods.guard import CollapseGuard
 from qshift.models.protocol import RetrievalModel, default_lr
 from qshift.options import SCORING_MODES, Options, Protocol, split_protocol
 
@@ -115,6 +117,8 @@ class Method:
         self.source_state = [p.detach().clone() for p in self.params]
         self.optimizer = self._make_optimizer()
         self.batches_seen = 0
+        self.guard = (CollapseGuard(self.protocol.collapse_window, self.protocol.collapse_ratio)
+                      if self.protocol.reset == "on-collapse" and self.adapts else None)
         self.setup()
 
     # ---------------------------------------------------------------- hooks for subclasses
@@ -141,9 +145,30 @@ class Method:
         return torch.optim.SGD(self.params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def scores(self, items: Any) -> torch.Tensor:
-        """Query–gallery similarities of ``items`` under the current parameters (no adaptation)."""
+        """Query–gallery similarities of ``items`` under the current parameters (no adaptation); a
+        non-finite score raises :class:`~qshift.errors.NonFiniteError` (never NaN rows ranked as ties)."""
         with torch.no_grad():
-            return self.model.encode_query(items) @ self.gallery.T
+            scores = self._sims(self.model.encode_query(items))
+        _check_finite(scores, f"{self.name}: non-finite scores (NaN or inf in the input?); nothing was adapted")
+        return scores
+
+    @torch.no_grad()
+    def source_scores(self, items: Any) -> torch.Tensor:
+        """Similarities of ``items`` under the source parameters (the current ones are put back after)."""
+        current = [p.detach().clone() for p in self.params]
+        try:
+            for p, s in zip(self.params, self.source_state):
+                p.copy_(s)
+            return self._sims(self.model.encode_query(items))
+        finally:
+            for p, c in zip(self.params, current):
+                p.copy_(c)
+
+    def _sims(self, z: torch.Tensor) -> torch.Tensor:
+        if z.ndim != 2 or z.shape[1] != self.gallery.shape[1]:
+            raise UserError(f"{self.name}: the model embeds queries in {tuple(z.shape)[1:]} dimensions, the gallery "
+                            f"holds {self.gallery.shape[1]}-dimensional embeddings (a gallery from another model?)")
+        return z @ self.gallery.T
 
     def adapt_batch(self, items: Any, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Run the inner steps on one batch; return its online scores [B, N] and a record."""
@@ -161,12 +186,26 @@ class Method:
             snapshot = self._snapshot()
             try:
                 scores, record = self._adapt_steps(items, labels, record)
+                _check_finite(scores, f"{self.name}: non-finite scores at batch {self.batches_seen}; the batch's "
+                                      "updates were rolled back")
             except BaseException:
                 self._restore(snapshot)
                 raise
         self.batches_seen += 1
+        if self.guard is not None:
+            self._watch(items, scores, record)
         record["seconds"] = time.perf_counter() - t0
         return scores, record
+
+    def _watch(self, items: Any, scores: torch.Tensor, record: dict) -> None:
+        """The collapse guard's step: compare with the source model on this batch; reset if it fires."""
+        signal = self.guard.observe(scores, self.source_scores(items))
+        record["guard"] = signal
+        if signal["collapsed"]:
+            fired, seen = self.guard.fired, self.batches_seen
+            self.reset()
+            self.guard.fired, self.batches_seen = fired, seen  # the counters survive the reset they cause
+            record["collapse_reset"] = True
 
     def _snapshot(self) -> dict:
         return {"params": [p.detach().clone() for p in self.params],
@@ -188,15 +227,15 @@ class Method:
         for step in range(self.steps):
             z = self.model.encode_query(items)
             if step == 0 and not bool(torch.isfinite(z).all()):
-                raise FloatingPointError(f"{self.name}: non-finite query embeddings at batch {self.batches_seen} "
+                raise NonFiniteError(f"{self.name}: non-finite query embeddings at batch {self.batches_seen} "
                                          "(NaN or inf in the input?); the batch was not used and the method's "
                                          "state is unchanged")
-            sims = z @ self.gallery.T
+            sims = self._sims(z)
             if (self.scoring == "pre" and step == 0) or (self.scoring == "tcr" and step == self.steps - 1):
                 scores = sims.detach()
             out = self.loss(z, sims, step, labels)
             if out.loss is not None and not torch.isfinite(out.loss):
-                raise FloatingPointError(f"{self.name}: non-finite loss at batch {self.batches_seen}, step {step}; "
+                raise NonFiniteError(f"{self.name}: non-finite loss at batch {self.batches_seen}, step {step}; "
                                          "the batch's updates were rolled back")
             logs = dict(out.logs)
             if out.loss is not None:
@@ -206,6 +245,12 @@ class Method:
                     p.grad = g.detach()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                bad = [n for (n, _), p in zip(self.named_params, self.params) if not bool(torch.isfinite(p).all())]
+                if bad:
+                    raise NonFiniteError(f"{self.name}: parameters became non-finite after the update at batch "
+                                         f"{self.batches_seen}, step {step} ({', '.join(bad[:3])}"
+                                         f"{', …' if len(bad) > 3 else ''}); the batch's updates were rolled back "
+                                         "(a smaller lr may help)")
                 logs["loss"] = float(out.loss.detach())
             record["steps"].append(logs)
         if self.scoring == "post":
@@ -219,24 +264,92 @@ class Method:
             p.copy_(s)
         self.optimizer = self._make_optimizer()
         self.batches_seen = 0
+        if self.guard is not None:
+            self.guard.clear()
         self.setup()
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"name": self.name, "params": [p.detach().clone() for p in self.params],
+        """The adaptation state as tensors and plain containers (loadable with ``weights_only=True``)."""
+        return {"name": self.name, "params": {n: p.detach().clone() for n, p in self.named_params},
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "batches_seen": self.batches_seen, "extra": self.extra_state()}
+                "batches_seen": self.batches_seen, "extra": self.extra_state(),
+                "guard": None if self.guard is None else {"history": list(self.guard.history),
+                                                          "fired": self.guard.fired}}
+
+    def check_state_dict(self, state: Any) -> None:
+        """Validate a :meth:`state_dict` payload against this method without changing anything: its
+        method, parameter names and shapes, finiteness, optimizer layout and counters."""
+        if not isinstance(state, dict) or state.get("name") != self.name:
+            got = state.get("name") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state is for method {got!r}, not {self.name!r}")
+        missing = [k for k in ("params", "optimizer", "batches_seen", "extra") if k not in state]
+        if missing:
+            raise ValueError(f"state lacks {missing}")
+        params = state["params"]
+        if not isinstance(params, dict):
+            raise ValueError("state's params must map parameter names to tensors")
+        names = [n for n, _ in self.named_params]
+        if list(params) != names:
+            lost, extra = sorted(set(names) - set(params)), sorted(set(params) - set(names))
+            raise ValueError(f"state's parameters do not match this model's adaptable parameters "
+                             f"({len(params)} saved, {len(names)} here; missing {lost[:3]}, unexpected {extra[:3]})")
+        for (n, p), v in zip(self.named_params, params.values()):
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"state's parameter {n!r} has shape {shape}, the model's {tuple(p.shape)}")
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"state's parameter {n!r} holds NaN or inf")
+        self._check_optimizer_state(state["optimizer"])
+        seen = state["batches_seen"]
+        if isinstance(seen, bool) or not isinstance(seen, int) or seen < 0:
+            raise ValueError(f"state's batches_seen must be a count, got {seen!r}")
+        if not isinstance(state["extra"], dict):
+            raise ValueError("state's method extra state must be a mapping")
+
+    def _check_optimizer_state(self, opt: Any) -> None:
+        if (opt is None) != (self.optimizer is None):
+            raise ValueError("state's optimizer does not match this method's")
+        if opt is None:
+            return
+        if not isinstance(opt, dict) or set(opt) != {"state", "param_groups"}:
+            raise ValueError("state's optimizer is not an optimizer state_dict")
+        ids = [i for g in opt["param_groups"] for i in g.get("params", [])]
+        if len(ids) != len(self.params):
+            raise ValueError(f"state's optimizer holds {len(ids)} parameters, this method {len(self.params)}")
+        for i, per in opt["state"].items():
+            if not 0 <= int(i) < len(self.params):
+                raise ValueError(f"state's optimizer has an entry for parameter {i}, this method {len(self.params)}")
+            for key, v in per.items():
+                if isinstance(v, torch.Tensor) and v.numel() > 1 and v.shape != self.params[int(i)].shape:
+                    raise ValueError(f"state's optimizer entry {key!r} of parameter {i} has the wrong shape")
+                if isinstance(v, torch.Tensor) and not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"state's optimizer entry {key!r} of parameter {i} holds NaN or inf")
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("name") != self.name:
-            raise ValueError(f"state is for method {state.get('name')!r}, not {self.name!r}")
-        with torch.no_grad():
-            for p, v in zip(self.params, state["params"], strict=True):
-                p.copy_(v)
-        if self.optimizer and state["optimizer"]:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.batches_seen = state["batches_seen"]
-        self.load_extra_state(state.get("extra", {}))
+        """Load :meth:`state_dict`'s payload: validated first (:meth:`check_state_dict`); if applying it
+        still fails, the method is put back exactly as it was and the error raised."""
+        self.check_state_dict(state)
+        snapshot = self._snapshot()
+        seen = self.batches_seen
+        try:
+            with torch.no_grad():
+                for p, v in zip(self.params, state["params"].values()):
+                    p.copy_(v)
+            if self.optimizer is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.batches_seen = state["batches_seen"]
+            self.load_extra_state(state["extra"])
+            if self.guard is not None and state.get("guard"):
+                self.guard.history.clear()
+                self.guard.history.extend(float(x) for x in state["guard"]["history"])
+                self.guard.fired = int(state["guard"]["fired"])
+        except BaseException as e:
+            self._restore(snapshot)
+            self.batches_seen = seen
+            if isinstance(e, (KeyError, TypeError, IndexError, RuntimeError, AttributeError)):
+                raise ValueError(f"state does not fit method {self.name!r}: {type(e).__name__}: {e}") from e
+            raise
 
     def extra_state(self) -> dict:
         return {}
@@ -248,3 +361,8 @@ class Method:
     def parameter_drift(self) -> float:
         """‖θ − θ₀‖ over the adapted parameters."""
         return float(torch.sqrt(sum(((p - s) ** 2).sum() for p, s in zip(self.params, self.source_state))))
+
+
+def _check_finite(scores: torch.Tensor, message: str) -> None:
+    if not bool(torch.isfinite(scores).all()):
+        raise NonFiniteError(message)

@@ -235,12 +235,21 @@ class WorldDualEncoder(nn.Module):
         if not isinstance(payload, dict) or not {"config", "state_dict"} <= set(payload):
             raise ValueError(f"{path} is not a qshift world model checkpoint (expected the keys 'config' and "
                              f"'state_dict', as `qshift train-world-model` writes)")
-        cfg = dict(payload["config"])
-        cfg["stem_channels"] = tuple(cfg["stem_channels"])
-        cfg.setdefault("prefilter_sigma", 0.0)  # weights saved before the prefilter existed
-        cfg.setdefault("standardise_input", False)  # ... or before input standardisation
-        model = cls(WorldModelConfig(**cfg))
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        try:
+            cfg = dict(payload["config"])
+            cfg["stem_channels"] = tuple(cfg["stem_channels"])
+            cfg.setdefault("prefilter_sigma", 0.0)  # weights saved before the prefilter existed
+            cfg.setdefault("standardise_input", False)  # ... or before input standardisation
+            model = cls(WorldModelConfig(**cfg))
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: the checkpoint's model config is not a world-model config ({e})") from e
+        state = {k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:  # keys or shapes that do not fit the config
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e).splitlines()[0])
+            raise ValueError(f"{path}: the checkpoint's tensors do not match its config ({first}); was it "
+                             "edited, or saved by another version?") from e
         model.card = payload.get("card", {})
         return model.eval()
 
@@ -339,6 +348,11 @@ class WorldRetrievalModel(TwoTowerBase):
 
     def _encode(self, modality: str, batch: Any) -> torch.Tensor:
         return self.encoder.encode_image(batch) if modality == "image" else self.encoder.encode_text(batch)
+
+    @property
+    def embed_dim(self) -> int:
+        """The joint embedding's dimension (an Adapter checks precomputed gallery embeddings against it)."""
+        return self.encoder.cfg.embed_dim
 
     def query_tower(self) -> nn.Module:
         return self.encoder.visual if self.query_modality == "image" else self.encoder.text
