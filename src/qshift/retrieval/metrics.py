@@ -2,93 +2,144 @@
 
 Relevance is given by ids: gallery item ``j`` is relevant to query ``i`` iff
 ``query_ids[i] == gallery_ids[j]`` (an image and its captions share the image's id; a product or
-person id makes many-to-many relevance).  Ties are broken *against* the query: a negative with the
-same score as a positive ranks above it, so a collapsed model cannot score by ties.
+person id makes many-to-many relevance).  A query with no relevant gallery item is an error.
+
+Tie rule: ties are broken *against* the query, so a collapsed model cannot score by ties.  A
+negative with the same score as a positive ranks above it; positives tied with each other keep
+gallery order (which does not change any metric).  Hence the 0-based position of a query's ``j``-th
+best positive (``j`` from 1) is ``neg_ge + j - 1``, where ``neg_ge`` is the number of negatives
+scoring at least that positive's score, and
+
+* first-positive rank = ``neg_ge`` of the best positive = the number of items scoring strictly higher
+  plus the negatives tied with it;
+* AP = mean over the positives of ``j / (neg_ge_j + j)``.
+
+So only the few positives' ``neg_ge`` are needed, not a sort of the gallery: each is one
+compare-and-count pass over the row (rows processed in cache-sized tiles).  A query with more than
+``_MAX_COUNT_PASSES`` positives sorts its rows once instead.  Memory stays bounded by ``chunk`` rows:
+nothing larger than a ``chunk x n_gallery`` matrix is made (a float tile of at most
+``_TILE_ELEMENTS`` elements on CPU).  APs are computed in float64.
 """
 from __future__ import annotations
 
 import torch
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+# more positives per query than this: one sort of each row beats one counting pass per positive
+_MAX_COUNT_PASSES = 128
+# elements per compare-and-count tile (the tile and its float mask stay in cache on CPU)
+_TILE_ELEMENTS = {"cpu": 1 << 20}
+_TILE_ELEMENTS_OTHER = 1 << 24
 
 
-def _check(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> None:
+def _check_shapes(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> None:
     if scores.ndim != 2:
         raise ValueError(f"scores must be [n_queries, n_gallery], got shape {tuple(scores.shape)}")
     if query_ids.shape != (scores.shape[0],):
         raise ValueError(f"query_ids must have shape ({scores.shape[0]},), got {tuple(query_ids.shape)}")
     if gallery_ids.shape != (scores.shape[1],):
         raise ValueError(f"gallery_ids must have shape ({scores.shape[1]},), got {tuple(gallery_ids.shape)}")
-    if torch.isnan(scores).any():
+
+
+def _check_finite_or_inf(block: torch.Tensor) -> None:
+    """Raise if ``block`` holds a NaN (a NaN makes the sum NaN; only then is the exact test run)."""
+    if torch.isnan(block.sum()) and torch.isnan(block).any():
         raise ValueError("scores contain NaN")
 
 
-def first_positive_rank(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each query's best-ranked relevant gallery item (ties counted against it)."""
-    _check(scores, query_ids, gallery_ids)
-    rel = query_ids[:, None] == gallery_ids[None, :]
-    if not rel.any(1).all():
-        missing = int((~rel.any(1)).nonzero()[0])
-        raise ValueError(f"query {missing} (id {int(query_ids[missing])}) has no relevant gallery item")
-    best = scores.masked_fill(~rel, float("-inf")).amax(1, keepdim=True)
-    above = (scores > best).sum(1)
-    tied_neg = ((scores == best) & ~rel).sum(1)
-    return above + tied_neg
+def _count_at_or_above(block: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """``out[i, k]`` = number of entries of ``block[i]`` that are ``>= thresholds[i, k]`` (int64).
 
-
-def average_precision(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> torch.Tensor:
-    """Per-query average precision over all relevant items (ties ranked against the query)."""
-    _check(scores, query_ids, gallery_ids)
-    rel = query_ids[:, None] == gallery_ids[None, :]
-    n_rel = rel.sum(1)
-    if (n_rel == 0).any():
-        missing = int((n_rel == 0).nonzero()[0])
-        raise ValueError(f"query {missing} (id {int(query_ids[missing])}) has no relevant gallery item")
-    # negatives first, then a stable descending sort by score: among equal scores negatives lead
-    order0 = torch.argsort(rel.to(torch.int8), dim=1, stable=True)
-    s0 = torch.gather(scores, 1, order0)
-    order1 = torch.argsort(s0, dim=1, descending=True, stable=True)
-    rel_sorted = torch.gather(torch.gather(rel, 1, order0), 1, order1).to(scores.dtype if scores.is_floating_point() else torch.float32)
-    hits = rel_sorted.cumsum(1)
-    positions = torch.arange(1, scores.shape[1] + 1, dtype=hits.dtype, device=scores.device)
-    return (hits / positions * rel_sorted).sum(1) / n_rel.to(hits.dtype)
-
-
-def retrieval_metrics(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor,
-                      ks: tuple[int, ...] = DEFAULT_KS, chunk: int = 2048) -> dict[str, float]:
-    """``{"R@1", "R@5", "R@10", "mAP", "R-mean"}`` in percent, over all queries.
-
-    ``chunk`` bounds memory: rows are processed in blocks of that many queries.
+    One compare-and-count pass per threshold column, tile by tile; the comparison is written into a
+    float buffer (exact for counts below 2**24, float64 beyond), whose row sums are much faster than
+    a boolean mask's.
     """
-    query_ids = torch.as_tensor(query_ids)
-    gallery_ids = torch.as_tensor(gallery_ids)
-    _check(scores, query_ids, gallery_ids)
-    if scores.shape[0] == 0:
-        raise ValueError("no queries to score")
-    ranks, aps = [], []
-    for s in range(0, scores.shape[0], chunk):
-        block = scores[s:s + chunk]
-        block = block if block.is_floating_point() else block.float()
-        ranks.append(first_positive_rank(block, query_ids[s:s + chunk], gallery_ids))
-        aps.append(average_precision(block, query_ids[s:s + chunk], gallery_ids))
-    rank = torch.cat(ranks)
-    out = {f"R@{k}": 100.0 * (rank < k).double().mean().item() for k in ks}
-    out["mAP"] = 100.0 * torch.cat(aps).double().mean().item()
-    out["R-mean"] = sum(out[f"R@{k}"] for k in ks) / len(ks)
+    n_rows, n = block.shape
+    per_tile = _TILE_ELEMENTS.get(block.device.type, _TILE_ELEMENTS_OTHER)
+    rows = max(1, min(n_rows, per_tile // max(n, 1)))
+    buf = torch.empty(rows, n, dtype=torch.float32 if n < (1 << 24) else torch.float64, device=block.device)
+    out = torch.empty(thresholds.shape, dtype=torch.int64, device=block.device)
+    for s in range(0, n_rows, rows):
+        tile, t = block[s:s + rows], thresholds[s:s + rows]
+        _check_finite_or_inf(tile)
+        mask = buf[:tile.shape[0]]
+        for k in range(t.shape[1]):
+            out[s:s + rows, k] = torch.ge(tile, t[:, k:k + 1], out=mask).sum(1)
     return out
+
+
+def _negatives_at_or_above(block: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+                           count: torch.Tensor) -> torch.Tensor:
+    """Per query, ``neg_ge`` of each positive, ascending; padding slots (``~valid``) hold ``n + 1``.
+
+    ``pos[i, k]`` is the score of query ``i``'s ``k``-th positive where ``valid[i, k]``, and
+    ``count[i]`` its number of positives.
+    """
+    n = block.shape[1]
+    # positives scoring >= each positive: padding as +inf sorts last and is never < a score
+    pos_sorted = pos.masked_fill(~valid, float("inf")).sort(1).values
+    pos_ge = count[:, None] - torch.searchsorted(pos_sorted, pos, side="left")
+    if pos.shape[1] <= _MAX_COUNT_PASSES:
+        all_ge = _count_at_or_above(block, pos)
+    else:
+        _check_finite_or_inf(block)
+        all_ge = n - torch.searchsorted(block.sort(1).values, pos, side="left")
+    return (all_ge - pos_ge).masked_fill(~valid, n + 1).sort(1).values
+
+
+def _ranks_and_ap_block(block: torch.Tensor, query_ids: torch.Tensor, sorted_ids: torch.Tensor,
+                        order: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-positive ranks and APs of one block of rows (``sorted_ids = gallery_ids[order]``)."""
+    lo = torch.searchsorted(sorted_ids, query_ids, side="left")
+    count = torch.searchsorted(sorted_ids, query_ids, side="right") - lo
+    if (count == 0).any():
+        missing = int((count == 0).nonzero()[0])
+        raise ValueError(f"query {offset + missing} (id {query_ids[missing].item()}) has no relevant gallery item")
+    slots = torch.arange(int(count.max()), device=block.device)
+    valid = slots < count[:, None]
+    index = order[(lo[:, None] + slots).clamp_(max=len(order) - 1)]
+    neg_ge = _negatives_at_or_above(block, torch.gather(block, 1, index), valid, count)
+    j = (slots + 1).to(torch.float64)
+    ap = (j / (neg_ge.to(torch.float64) + j)).masked_fill_(~valid, 0.0).sum(1) / count
+    return neg_ge[:, 0], ap
 
 
 def per_query_ranks_and_ap(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor,
                            chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's first-positive rank and average precision (for online scoring batch by batch)."""
+    """Each query's first-positive rank (0-based, int64) and average precision (float64).
+
+    Ties count against the query (module docstring).  ``chunk`` rows are scored at a time; the
+    results are on ``scores``' device.  Raises ``ValueError`` for bad shapes, NaN scores or a query
+    with no relevant gallery item.
+    """
     query_ids, gallery_ids = torch.as_tensor(query_ids), torch.as_tensor(gallery_ids)
-    ranks, aps = [], []
+    _check_shapes(scores, query_ids, gallery_ids)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    device = scores.device
+    common = torch.promote_types(query_ids.dtype, gallery_ids.dtype)
+    query_ids, gallery_ids = query_ids.to(device, common), gallery_ids.to(device, common)
+    order = torch.argsort(gallery_ids, stable=True)
+    sorted_ids = gallery_ids[order].contiguous()
+    ranks = [torch.empty(0, dtype=torch.int64, device=device)]
+    aps = [torch.empty(0, dtype=torch.float64, device=device)]
     for s in range(0, scores.shape[0], chunk):
         block = scores[s:s + chunk].detach()
-        block = block if block.is_floating_point() else block.float()
-        ranks.append(first_positive_rank(block, query_ids[s:s + chunk], gallery_ids))
-        aps.append(average_precision(block, query_ids[s:s + chunk], gallery_ids))
+        block = (block if block.is_floating_point() else block.float()).contiguous()
+        r, a = _ranks_and_ap_block(block, query_ids[s:s + chunk].contiguous(), sorted_ids, order, s)
+        ranks.append(r)
+        aps.append(a)
     return torch.cat(ranks), torch.cat(aps)
+
+
+def first_positive_rank(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each query's best-ranked relevant gallery item (ties counted against it)."""
+    return per_query_ranks_and_ap(scores, query_ids, gallery_ids)[0]
+
+
+def average_precision(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> torch.Tensor:
+    """Per-query average precision over all relevant items (ties ranked against the query), float64."""
+    return per_query_ranks_and_ap(scores, query_ids, gallery_ids)[1]
 
 
 def summarise(ranks: torch.Tensor, aps: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
@@ -99,3 +150,16 @@ def summarise(ranks: torch.Tensor, aps: torch.Tensor, ks: tuple[int, ...] = DEFA
     out["mAP"] = 100.0 * aps.double().mean().item()
     out["R-mean"] = sum(out[f"R@{k}"] for k in ks) / len(ks)
     return out
+
+
+def retrieval_metrics(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor,
+                      ks: tuple[int, ...] = DEFAULT_KS, chunk: int = 2048) -> dict[str, float]:
+    """``{"R@1", "R@5", "R@10", "mAP", "R-mean"}`` in percent, over all queries.
+
+    ``chunk`` bounds memory: rows are processed in blocks of that many queries.
+    """
+    query_ids, gallery_ids = torch.as_tensor(query_ids), torch.as_tensor(gallery_ids)
+    _check_shapes(scores, query_ids, gallery_ids)
+    if scores.shape[0] == 0:
+        raise ValueError("no queries to score")
+    return summarise(*per_query_ranks_and_ap(scores, query_ids, gallery_ids, chunk), ks)
