@@ -90,7 +90,7 @@ def time_openclip(batch: int, repeats: int, methods: list[str], gallery_size: in
     from qshift.models.openclip_model import load_openclip
 
     torch.manual_seed(0)
-    model = load_openclip("ViT-B-16", None, "image")
+    model = load_openclip("ViT-B-16", "random", "image")
     gallery = torch.nn.functional.normalize(torch.randn(gallery_size, 512), dim=-1)
     gallery_ids = torch.arange(gallery_size) // 5
     items = torch.randn(batch, 3, 224, 224)

@@ -1,4 +1,7 @@
+import argparse
 import json
+import logging
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -9,11 +12,13 @@ from typer.testing import CliRunner
 pytest.importorskip("open_clip")
 pytest.importorskip("transformers")
 
-from backbone_fixtures import (TINY_OPENCLIP, tiny_hf_blip, tiny_hf_clip, tiny_karpathy, tiny_nocaps,  # noqa: E402
-                               tiny_fashiongen, tiny_openclip_checkpoint, tiny_pedes)
+from backbone_fixtures import (FIXTURE_WORDS, TINY_OPENCLIP, retrieval_pairs, tiny_hf_blip,  # noqa: E402
+                               tiny_hf_clip, tiny_karpathy, tiny_nocaps, tiny_fashiongen, tiny_openclip_checkpoint,
+                               tiny_pedes)
 
 from qshift.api import load_model  # noqa: E402
 from qshift.cli import app  # noqa: E402
+from qshift.errors import UserError  # noqa: E402
 from qshift.bench.registry import build_benchmark  # noqa: E402
 from qshift.data.karpathy import clean_caption, load_karpathy  # noqa: E402
 from qshift.models.openclip_model import is_torchscript, needs_quick_gelu  # noqa: E402
@@ -87,9 +92,9 @@ def test_quick_gelu_is_decided_and_applied(openclip_ckpt, tmp_path):
     assert acts(quick) == {"QuickGELU"} and acts(plain_model) == {"GELU"}
     x = torch.randn(2, 3, 32, 32)
     assert not torch.allclose(quick.encode_query(x), plain_model.encode_query(x))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="checkpoint file not found"):
         load_model(f"openclip:{TINY_OPENCLIP}", "i2t", str(tmp_path / "nope.pt"))
-    with pytest.raises(ValueError, match="unknown open_clip"):
+    with pytest.raises(UserError, match="unknown open_clip"):
         load_model("openclip:NoSuchArch", "i2t")
 
 
@@ -140,9 +145,9 @@ def test_custom_towers_spec(tmp_path, monkeypatch, tiny_model):
     monkeypatch.syspath_prepend(str(tmp_path))
     rm = load_model("custom:my_towers:build", "t2i")
     assert rm.query_modality == "text"
-    with pytest.raises(TypeError, match="RetrievalModel"):
+    with pytest.raises(UserError, match="RetrievalModel"):
         load_model("custom:my_towers:bad", "t2i")
-    with pytest.raises(ValueError, match="unknown model spec"):
+    with pytest.raises(UserError, match="unknown model spec"):
         load_model("torchvision:resnet", "i2t")
 
 
@@ -319,3 +324,299 @@ def test_a_grid_runs_on_a_real_backbone_over_a_local_dataset(tmp_path, openclip_
     assert G.run_grid(spec2, out, only, progress=False, log=lambda m: None)["done"] == 1
     with pytest.raises(ValueError, match="unknown benchmark"):
         spec.model_copy(update={"benchmarks": ["coco-c/i2t/nothing/3"]}).expanded_benchmarks()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tiny fixtures can retrieve: distinct inputs give distinct embeddings, and a short fit of the two projection
+# layers (everything else as initialised) aligns them, read back through encode_query / encode_gallery
+
+
+def _projections(which, rm):
+    """The two output projections of each tiny backbone (the only weights the retrieval check fits)."""
+    if which == "openclip":
+        return [rm.clip.visual.proj, rm.clip.text_projection]
+    hf = rm.hf_model
+    heads = (hf.visual_projection, hf.text_projection) if which == "hf-clip" else (hf.vision_proj, hf.text_proj)
+    return [p for head in heads for p in head.parameters()]
+
+
+def fit_projections(which, rm, images, captions, steps=60):
+    """A symmetric InfoNCE fit of the projections on the fixture pairs (Adam, lr 1e-2, temperature 0.05)."""
+    params = _projections(which, rm)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    target = torch.arange(len(captions))
+    for _ in range(steps):
+        zi = torch.nn.functional.normalize(rm.encoders["image"](images), dim=-1)
+        zt = torch.nn.functional.normalize(rm.encoders["text"](captions), dim=-1)
+        logits = zi @ zt.T / 0.05
+        loss = (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in params:
+        p.requires_grad_(False)
+    return float(loss.detach())
+
+
+def fixture_recall(which, spec, weights, n=8):
+    """R@1 (i2t, t2i) of a tiny backbone on ``n`` fixture pairs before and after the projection fit, the
+    largest off-diagonal cosine of its image and its text embeddings, and R@1 of a constant model."""
+    from qshift.retrieval.metrics import retrieval_metrics
+
+    torch.manual_seed(0)
+    images, captions = retrieval_pairs(n)
+    rm = load_model(spec, "i2t", weights)
+    ids = torch.arange(n)
+    off = ~torch.eye(n, dtype=torch.bool)
+
+    def r1():
+        s = rm.encode_query(images).detach() @ rm.encode_gallery(captions).T
+        return retrieval_metrics(s, ids, ids)["R@1"], retrieval_metrics(s.T, ids, ids)["R@1"]
+
+    zi, zt = rm.encode_query(images).detach(), rm.encode_gallery(captions)
+    out = {"image_cos_max": float((zi @ zi.T)[off].max()), "text_cos_max": float((zt @ zt.T)[off].max()),
+           "random_init": r1(), "constant": retrieval_metrics(torch.zeros(n, n), ids, ids)["R@1"]}
+    out["loss"] = fit_projections(which, rm, images, captions)
+    out["fitted"] = r1()
+    return out
+
+
+@pytest.mark.parametrize("which", ["openclip", "hf-clip", "hf-blip"])
+def test_each_tiny_backbone_retrieves_its_fixture_far_above_a_constant_model(which, openclip_ckpt, hf_clip_dir,
+                                                                               hf_blip_dir):
+    spec, weights = {"openclip": (f"openclip:{TINY_OPENCLIP}", openclip_ckpt), "hf-clip": (f"hf-clip:{hf_clip_dir}", None),
+                     "hf-blip": (f"hf-blip:{hf_blip_dir}", None)}[which]
+    res = fixture_recall(which, spec, weights)
+    # distinct inputs, distinct embeddings (the old BLIP fixture gave every image cosine 0.99999994)
+    assert res["image_cos_max"] < 0.999 and res["text_cos_max"] < 0.999, res
+    assert res["constant"] == 0.0  # ties count against the query: a constant model retrieves nothing
+    assert min(res["fitted"]) == 100.0, res  # 8 pairs, chance 12.5
+
+
+def test_fixture_tokenizers_know_every_fixture_word(hf_clip_dir, hf_blip_dir):
+    from transformers import AutoTokenizer
+
+    _, captions = retrieval_pairs(8)
+    for folder in (hf_clip_dir, hf_blip_dir):
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        assert len({tuple(x) for x in tok(captions)["input_ids"]}) == len(captions)
+        for word in FIXTURE_WORDS:  # each fixture word is one token of the vocabulary, never the unknown one
+            ids = tok(word, add_special_tokens=False)["input_ids"]
+            assert len(ids) == 1 and tok.convert_ids_to_tokens(ids)[0] in (word, f"{word}</w>"), (folder, word)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every bad input is one UserError naming the file or flag and the fix
+
+
+def _copy(src, dst, drop=()):
+    shutil.copytree(src, dst)
+    for name in drop:
+        (dst / name).unlink(missing_ok=True)
+    return dst
+
+
+def _edit_config(folder, edit):
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "special_tokens_map.json")
+
+
+@pytest.mark.parametrize("kind", ["hf-clip", "hf-blip"])
+def test_a_model_folder_without_a_usable_tokenizer_is_refused(kind, tmp_path, hf_clip_dir, hf_blip_dir):
+    from transformers import BertTokenizer
+
+    src = hf_clip_dir if kind == "hf-clip" else hf_blip_dir
+    bare = _copy(src, tmp_path / "bare", TOKENIZER_FILES)
+    with pytest.raises(UserError, match=r"no tokenizer files .*tokenizer.save_pretrained"):
+        load_model(f"{kind}:{bare}", "t2i")
+    # a vocabulary larger than the text tower's embedding table (ids past its end)
+    big = _copy(src, tmp_path / "big")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok.add_tokens(["zzzq", "qqqz"])
+    tok.save_pretrained(str(big))
+    with pytest.raises(UserError, match=r"tokenizer has \d+ tokens but the text tower's embedding table has \d+ rows"):
+        load_model(f"{kind}:{big}", "t2i")
+    # a vocabulary of special tokens only / one that knows no English word
+    for name, vocab, fragment in (("specials", None, "only its 5 special tokens"),
+                                  ("unk", {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "zebra": 5},
+                                   "every word of 'a photo of a dog' to its unknown token")):
+        folder = _copy(src, tmp_path / name, TOKENIZER_FILES)
+        BertTokenizer(vocab=vocab).save_pretrained(str(folder))
+        with pytest.raises(UserError, match=fragment):
+            load_model(f"{kind}:{folder}", "t2i")
+
+
+def test_hf_folders_of_the_wrong_class_or_with_mismatched_weights_are_refused(tmp_path, hf_clip_dir, hf_blip_dir):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(UserError, match=r"model_type 'clip', but hf-blip needs a BlipForImageTextRetrieval.*"
+                                        r"use --model hf-clip:"):
+        load_model(f"hf-blip:{hf_clip_dir}", "i2t")
+    with pytest.raises(UserError, match=r"model_type 'blip', but hf-clip needs a CLIPModel .*use --model hf-blip:"):
+        load_model(f"hf-clip:{hf_blip_dir}", "i2t")
+    captioner = _edit_config(_copy(hf_blip_dir, tmp_path / "cap"),
+                             lambda c: c.update(architectures=["BlipForConditionalGeneration"]))
+    with pytest.raises(UserError, match="holds a BlipForConditionalGeneration, but hf-blip needs"):
+        load_model(f"hf-blip:{captioner}", "i2t")
+    shape = _edit_config(_copy(hf_clip_dir, tmp_path / "shape"), lambda c: c.update(projection_dim=8))
+    with pytest.raises(UserError, match=r"does not match its config.json: 2 of another shape .*text_projection"):
+        load_model(f"hf-clip:{shape}", "i2t")
+    missing = _copy(hf_clip_dir, tmp_path / "missing")
+    sd = {k: v for k, v in load_file(missing / "model.safetensors").items() if not k.startswith("visual_projection")}
+    save_file(sd, missing / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"1 weight missing \(e.g. visual_projection.weight\); they would be "
+                                        "initialised randomly"):
+        load_model(f"hf-clip:{missing}", "i2t")
+    no_weights = _copy(hf_clip_dir, tmp_path / "noweights", ["model.safetensors"])
+    with pytest.raises(UserError, match="cannot read the weights"):
+        load_model(f"hf-clip:{no_weights}", "i2t")
+    eos = _edit_config(_copy(hf_clip_dir, tmp_path / "eos"), lambda c: c["text_config"].update(eos_token_id=5))
+    with pytest.raises(UserError, match="end-of-text id is 1, the text config's eos_token_id is 5"):
+        load_model(f"hf-clip:{eos}", "t2i")
+    with pytest.raises(UserError, match="folder not found"):
+        load_model(f"hf-clip:{tmp_path / 'nowhere'}", "i2t")
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(f"hf-clip:{tmp_path}", "i2t")
+    with pytest.raises(UserError, match="reads its weights from the folder .* drop --weights"):
+        load_model(f"hf-clip:{hf_clip_dir}", "i2t", "other.pt")
+
+
+def test_openclip_needs_explicit_weights_and_a_matching_checkpoint(tmp_path, openclip_ckpt, caplog):
+    spec = f"openclip:{TINY_OPENCLIP}"
+    with pytest.raises(UserError, match=rf"openclip:{TINY_OPENCLIP} needs --weights: .* or 'random'"):
+        load_model(spec, "i2t")
+    with caplog.at_level(logging.WARNING, logger="qshift.models.openclip_model"):
+        rm = load_model(spec, "i2t", "random")
+    assert "untrained model" in caplog.text and rm.encode_query(torch.randn(1, 3, 32, 32)).shape == (1, 16)
+    sd = torch.load(openclip_ckpt, weights_only=True)["state_dict"]
+    dropped = tmp_path / "dropped.pt"
+    torch.save({k: v for k, v in sd.items() if k != "visual.proj"}, dropped)
+    with pytest.raises(UserError, match=rf"does not match open_clip architecture {TINY_OPENCLIP}: 1 missing key "
+                                        r"\(e.g. visual.proj\)"):
+        load_model(spec, "i2t", str(dropped))
+    reshaped = tmp_path / "reshaped.pt"
+    torch.save({**sd, "visual.proj": torch.zeros(32, 8)}, reshaped)
+    with pytest.raises(UserError, match=r"1 shape mismatch \(e.g. visual.proj: checkpoint \[32, 8\], architecture "
+                                        r"\[32, 16\]\)"):
+        load_model(spec, "i2t", str(reshaped))
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="garbage.pt: cannot be read as a PyTorch checkpoint: not a file torch.save"):
+        load_model(spec, "i2t", str(garbage))
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=1e-3)}, pickled)
+    with pytest.raises(UserError, match=r"weights_only=True\) refuses \(Unsupported global: GLOBAL argparse.Namespace\); "
+                                        "re-save its state_dict alone"):
+        load_model(spec, "i2t", str(pickled))
+    with pytest.raises(UserError, match="did you mean ViT-B-16"):
+        load_model("openclip:ViT-B-61", "i2t", "random")
+    with pytest.raises(UserError, match="architecture config not found"):
+        load_model(f"openclip:{tmp_path / 'nope.json'}", "i2t", "random")
+    with pytest.raises(UserError, match="is a folder"):
+        load_model(spec, "i2t", str(tmp_path))
+    with pytest.raises(UserError, match="unknown option fp8_everywhere"):
+        load_model(spec, "i2t", "random", fp8_everywhere=True)
+
+
+def test_openclip_tags_are_offline_only_and_the_vocabulary_must_fit(tmp_path):
+    # a known tag that is not cached: no download is attempted, the message says to pass a file
+    for tag in ("openai", "laion2b_s34b_b88k"):
+        with pytest.raises(UserError, match=rf"tag '{tag}' of ViT-B-16 is not in cache_dir .* does not download "
+                                            "weights; pass the checkpoint file"):
+            load_model("openclip:ViT-B-16", "i2t", tag, cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"neither a file nor an open_clip pretrained tag of ViT-B-16 \(its "
+                                        r"pretrained tags: openai"):
+        load_model("openclip:ViT-B-16", "i2t", "nosuchtag")
+    # once the tag's file is in the (Hugging Face hub) cache, the tag is accepted and resolves to that file
+    from qshift.models.openclip_model import cached_tag_file, resolve_weights
+    snapshot = tmp_path / "models--timm--vit_base_patch16_clip_224.openai" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").write_bytes(b"x")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    assert cached_tag_file("ViT-B-16", "openai", str(tmp_path)) == str(snapshot / "open_clip_model.safetensors")
+    assert resolve_weights("ViT-B-16", "openai", str(tmp_path)) == "tag"
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1}}
+    small = tmp_path / "qshift-small-vocab.json"
+    small.write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="tokenizer has 49408 tokens but the text tower embeds only 1000"):
+        load_model(f"openclip:{small}", "t2i", "random")
+
+
+@pytest.mark.parametrize("device, fragment", [
+    ("gibberish", "--device 'gibberish' is not a device name; use cpu, cuda or cuda:N"),
+    ("cuda:7", r"--device cuda:7: (no CUDA GPU|this torch build has no CUDA|this machine has \d CUDA device)"),
+    ("cuda", r"--device cuda: (no CUDA GPU|this torch build has no CUDA)"),
+    ("meta", "unsupported device type 'meta'"),
+])
+def test_a_device_that_does_not_exist_is_refused(device, fragment, openclip_ckpt, hf_clip_dir):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for spec, weights in (("world", None), (f"openclip:{TINY_OPENCLIP}", openclip_ckpt), (f"hf-clip:{hf_clip_dir}", None)):
+        with pytest.raises(UserError, match=fragment):
+            load_model(spec, "i2t", weights, device=device)
+    from qshift.models.hf_models import load_hf_clip
+    with pytest.raises(UserError, match=fragment):  # the backbone loaders check it too
+        load_hf_clip(hf_clip_dir, device=device)
+
+
+def test_custom_factories_are_checked(tmp_path, monkeypatch):
+    (tmp_path / "factories.py").write_text(
+        "import torch\n"
+        "from qshift.models.dual_tower import DualTowerModel\n"
+        "def _towers(frozen):\n"
+        "    tower = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))\n"
+        "    for p in tower.parameters():\n"
+        "        p.requires_grad_(not frozen)\n"
+        "    return DualTowerModel({'image': tower, 'text': tower}, {'image': tower, 'text': tower}, 'image')\n"
+        "def good(direction, weights=None, **options):\n    return _towers(False)\n"
+        "def frozen(direction, weights=None):\n    return _towers(True)\n"
+        "def raises(direction, weights=None):\n    raise RuntimeError('boom\\nsecond line')\n"
+        "def plain(direction, weights=None):\n    return object()\n"
+        "def no_args():\n    return _towers(False)\n"
+        "not_callable = 3\n")
+    (tmp_path / "broken_import.py").write_text("import nosuchdependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_model("custom:factories:good", "i2t", "w.pt", extra=1).query_modality == "image"
+    cases = [
+        ("custom:nosuch:build", "no module named 'nosuch' on the Python path; run from the folder holding nosuch.py"),
+        ("custom:broken_import:build", "importing 'broken_import' failed: No module named 'nosuchdependency_xyz'"),
+        ("custom:factories:missing", "module 'factories' has no attribute 'missing'"),
+        ("custom:factories:not_callable", "has a non-callable 'not_callable'"),
+        ("custom:factories:raises", "the factory raised RuntimeError: boom second line"),
+        ("custom:factories:plain", r"returned object, which lacks query_modality, gallery_modality, encode_query"),
+        ("custom:factories:frozen", r"adaptable parameter '1.weight' has requires_grad=False"),
+        ("custom:factories:no_args", r"no_args\(\) cannot be called with direction, weights"),
+        ("custom:factories", "unknown model spec"),
+        ("custom::build", "unknown model spec"),
+    ]
+    for spec, fragment in cases:
+        with pytest.raises(UserError, match=fragment):
+            load_model(spec, "i2t")
+    with pytest.raises(UserError, match="query_modality is 'image'; this direction queries with 'text'"):
+        load_model("custom:factories:good", "t2i")
+    with pytest.raises(UserError, match="--direction must be one of i2t, t2i"):
+        load_model("world", "x2y")
+    with pytest.raises(UserError, match="--preprocess must be one of model, tcr"):
+        load_model("world", "i2t", preprocess="fancy")
+    with pytest.raises(UserError, match="--model world: unknown option quick_gelu"):
+        load_model("world", "i2t", quick_gelu=True)
+
+
+def test_the_cli_prints_a_bad_backbone_as_one_error_line(tmp_path, openclip_ckpt):
+    root = tiny_karpathy(tmp_path / "data", "coco", n_images=2)
+    res = runner.invoke(app, ["eval", "--model", f"openclip:{TINY_OPENCLIP}", "--dataset", "coco", "--data-root",
+                              str(root), "--benchmark", "coco/i2t", "--json"])
+    assert res.exit_code == 2
+    lines = [x for x in res.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "needs --weights" in lines[0], res.output

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from qshift.bench import grid as G
+from qshift.bench.restamp import restamp_cells
 from qshift.bench.store import read_cell
 from qshift.bench.report import (README_END, README_START, Cell, _order, build_summary, build_tables, load_cells,
                                  protocol_deviations, protocol_notes, table_markdown, update_readme,
@@ -292,10 +293,10 @@ def test_restamp_only_after_identical_reruns(small_world, tmp_path, tiny_model):
     t2i = G.cell_path(out, "world-c/t2i/keyboard/6", "tent", 0)
     before_t2i = t2i.read_bytes()
 
-    refused = G.restamp_cells(out, ["world-c/t2i/*"], verify=1, weights=weights_b, log=lambda m: None)
+    refused = restamp_cells(out, ["world-c/t2i/*"], verify=1, weights=weights_b, log=lambda m: None)
     assert refused["restamped"] == 0 and refused["mismatch"] and t2i.read_bytes() == before_t2i
 
-    done = G.restamp_cells(out, ["world-c/i2t/*"], verify=1, weights=weights_b, log=lambda m: None)
+    done = restamp_cells(out, ["world-c/i2t/*"], verify=1, weights=weights_b, log=lambda m: None)
     assert done["restamped"] == 1 and done["verified_by"]
     cell = read_cell(i2t)
     assert cell["model"] == G.model_identity(weights_b) and cell["restamped"]["from"] == G.model_identity(weights_a)
@@ -304,7 +305,7 @@ def test_restamp_only_after_identical_reruns(small_world, tmp_path, tiny_model):
     counts = G.run_grid(spec_b, out, progress=False, log=lambda m: None)
     assert counts["skipped"] == 1 and counts["done"] == 1
     with pytest.raises(ValueError, match="verify"):
-        G.restamp_cells(out, ["*"], verify=0, weights=weights_b)
+        restamp_cells(out, ["*"], verify=0, weights=weights_b)
 
 
 def test_restamp_needs_one_old_model(small_world, tmp_path):
@@ -314,8 +315,8 @@ def test_restamp_needs_one_old_model(small_world, tmp_path):
         G._atomic_json(G.cell_path(out, "world-c/i2t/fog/5", f"m{i}", 0), {
             "benchmark": "world-c/i2t/fog/5", "metrics": {"R@1": 1.0}, "model": {"weights_sha256": sha}})
     with pytest.raises(ValueError, match="2 different models"):
-        G.restamp_cells(out, ["world-c/*"], weights=weights, log=lambda m: None)
-    assert G.restamp_cells(out, ["world-c/*"], weights=weights, from_sha="c", log=lambda m: None)["candidates"] == 0
+        restamp_cells(out, ["world-c/*"], weights=weights, log=lambda m: None)
+    assert restamp_cells(out, ["world-c/*"], weights=weights, from_sha="c", log=lambda m: None)["candidates"] == 0
 
 
 def _cell(bench, label, seed, r1, **protocol):

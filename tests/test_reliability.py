@@ -368,3 +368,26 @@ def test_the_guard_never_fires_on_a_healthy_tcr_run(shipped_model):
     res = run_online(model, task, RunConfig("tcr", Protocol.build({"reset": "on-collapse"})), progress=False)
     assert res.collapse_resets == 0 and all("guard" in b for b in res.batches)
     assert json.loads(json.dumps(res.as_json(), default=str))["collapse_resets"] == 0
+
+
+@pytest.mark.slow
+def test_run_out_keeps_both_configs_and_prints_metrics_when_writing_fails(tmp_path, monkeypatch):
+    from qshift.engine import RunResult
+
+    out = tmp_path / "runs"
+    base = ["run", "--method", "tent", "--benchmark", "world-clean/i2t", "--max-queries", "64", "--json",
+            "--out", str(out)]
+    first = runner.invoke(app, [*base, "--set", "lr=1e-3"])
+    second = runner.invoke(app, [*base, "--set", "lr=3e-4"])
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 2 and {json.loads(f.read_text())["config"]["lr"] for f in files} == {1e-3, 3e-4}
+    assert all(json.loads(f.read_text())["model"]["weights_sha256"] for f in files)
+
+    def refuse(self, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(RunResult, "save", refuse)
+    failed = runner.invoke(app, [*base, "--set", "lr=1e-4"])
+    assert failed.exit_code == 1 and '"R@1"' in failed.stdout  # the metrics came out first
+    assert "could not be written" in failed.output and "No space left" in failed.output
+    assert len(list(out.glob("*.json"))) == 2

@@ -107,6 +107,7 @@ class RunResult:
     collapse_resets: int = 0  # how often the collapse guard (reset=on-collapse) sent the method back to source
     model: dict | None = None  # the backbone's identity (spec, weights hash, dataset and annotation hash)
     shift_seed: int | None = None  # the seed of the benchmark's corruptions / perturbations
+    max_queries: int | None = None  # the query subsample a run kept (None: every query)
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -120,7 +121,7 @@ def result_filename(result: RunResult) -> str:
     """``<benchmark>__<method>__seed<k>__<hash>.json``: the hash covers the resolved config, the backbone
     and the shift seed, so runs with other options never overwrite each other (an identical rerun does)."""
     key = json.dumps({"config": result.config, "model": result.model, "shift_seed": result.shift_seed,
-                      "benchmark": result.benchmark}, sort_keys=True, default=_jsonable)
+                      "max_queries": getattr(result, "max_queries", None), "benchmark": result.benchmark}, sort_keys=True, default=_jsonable)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return f"{result.benchmark.replace('/', '__')}__{result.config['method']}__seed{result.config['seed']}__{digest}.json"
 

@@ -70,10 +70,15 @@ class GridBackbone:
         if local:
             out["weights_sha256"] = file_digest(local[0])
         if self.dataset is not None:
-            out["dataset"] = self._dataset_spec["dataset"]
-            ann = self._dataset_spec["annotation"]
-            out["annotation_sha256"] = file_digest(ann) if ann else None
-            out["n_images"], out["n_captions"] = len(self.dataset), len(self.dataset.captions)
+            fp = getattr(self.dataset, "fingerprint", None)
+            if isinstance(fp, dict):  # the annotation file actually read, whichever name it had
+                out.update({k: fp[k] for k in ("dataset", "format", "annotation", "annotation_sha256", "n_images",
+                                               "n_captions") if k in fp})
+            else:
+                out["dataset"] = self._dataset_spec["dataset"]
+                ann = self._dataset_spec["annotation"]
+                out["annotation_sha256"] = file_digest(ann) if ann else None
+                out["n_images"], out["n_captions"] = len(self.dataset), len(self.dataset.captions)
         return out
 
     def model(self, direction: str) -> RetrievalModel:

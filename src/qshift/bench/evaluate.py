@@ -63,6 +63,9 @@ _GALLERY_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def items_fingerprint(items) -> str:
     """SHA-256 of a gallery's content (an image array's shape and bytes, or its strings)."""
+    own = getattr(items, "fingerprint", None)  # lazily decoded image sets name their content themselves
+    if isinstance(own, str):
+        return own
     h = hashlib.sha256()
     if isinstance(items, np.ndarray):
         h.update(str(items.shape).encode())

@@ -14,24 +14,27 @@ Embedded world (``qshift shifts list`` prints every name):
   ``mix8`` mixes corruptions with render domains (i2t) or perturbations with caption styles (t2i).
 
 Real datasets (``--dataset NAME --data-root DIR``; ``qshift shifts list --dataset NAME``):
-``<dataset>/<i2t|t2i>``, ``<dataset>-c/i2t/<corruption>/<severity>`` (COCO-C, Flickr-C, … built on the
-fly) and ``<dataset>-c/t2i/<perturbation>/<level>``.
+``<dataset>/<i2t|t2i>``, ``<dataset>-c/i2t/<corruption>/<severity>`` (COCO-C, Flickr-C, …: the queries a run
+keeps, corrupted once by src/qshift/data/pipeline.py's data-loader workers and cached) and
+``<dataset>-c/t2i/<perturbation>/<level>`` (perturbed captions, cached).
 
 A new family is one :func:`register_family` call here: its pattern, parameters, builder, direction and
 how reports show it.
 """
 from __future__ import annotations
 
+import hashlib
+from importlib import metadata
+
 import numpy as np
 
-from qshift.bench import world_data
+from qshift.bench import cache, world_data
 from qshift.bench.registry import BuildContext, Family, register_family
-from qshift.data import streams, world
-from qshift.data.karpathy import CorruptedImages
+from qshift.data import pipeline, streams, world
 from qshift.data.retrieval_datasets import DATASET_NAMES
 from qshift.data.task import RetrievalTask
 from qshift.shifts.image import CORRUPTIONS, SEVERITIES, available_corruptions
-from qshift.shifts.text import CHAR_PERTURBATIONS, LEVELS, TEXT_PERTURBATIONS, perturb_texts
+from qshift.shifts.text import CHAR_PERTURBATIONS, LEVELS, TEXT_PERTURBATIONS, perturb_real_texts, real_lexicon_key
 
 QGS_DOMAINS = tuple(d for d in world.DOMAINS if d != "source")
 DIVERSE_C8 = ("gaussian_noise", "defocus_blur", "snow", "contrast", "impulse_noise", "zoom_blur", "frost",
@@ -231,30 +234,67 @@ def _diverse_t2i_char(ctx, p):
                 clean=_caption_set(test, first))
 
 
+def _image_size(ctx: BuildContext) -> int | None:
+    """The square size real images are resized to after corruption (None: their own size); read from the
+    context when it carries one (``image_size``)."""
+    return getattr(ctx, "image_size", None)
+
+
+def _real_gallery_images(ctx: BuildContext) -> pipeline.LazyImages:
+    return pipeline.LazyImages(ctx.dataset, size=_image_size(ctx))
+
+
+def _real_clean_images(ctx: BuildContext, rows: np.ndarray | None) -> streams.QuerySet:
+    """The clean image queries of ``rows`` (None: all), decoded on access (not cached: decoding costs about
+    what a cache read does)."""
+    ds = ctx.dataset
+    return streams.QuerySet("clean", pipeline.LazyImages(ds, rows, size=_image_size(ctx)),
+                            ds.image_ids[_ids(rows, len(ds))])
+
+
 def _real_clean(ctx, p):
     ds = ctx.dataset
-    imgs = streams.QuerySet("clean", CorruptedImages(ds.image_paths, reader=ds.image_reader), ds.image_ids)
-    caps = streams.QuerySet("clean", list(ds.captions), ds.caption_ids)
     if p["direction"] == "i2t":
+        imgs = _real_clean_images(ctx, _rows(ctx, len(ds)))
         return RetrievalTask("", "i2t", [imgs], ds.captions, ds.caption_ids, clean_queries=imgs)
-    return RetrievalTask("", "t2i", [caps], CorruptedImages(ds.image_paths, reader=ds.image_reader), ds.image_ids,
-                         clean_queries=caps)
+    caps = streams.QuerySet("clean", list(ds.captions), ds.caption_ids)
+    return RetrievalTask("", "t2i", [caps], _real_gallery_images(ctx), ds.image_ids, clean_queries=caps)
 
 
 def _real_corrupted(ctx, p):
+    """COCO-C and co.: only the queries the run keeps, corrupted once in data-loader workers and cached
+    (src/qshift/data/pipeline.py); bit-identical to corrupting them one by one."""
     ds, c, sev = ctx.dataset, p["corruption"], p["severity"]
-    clean = streams.QuerySet("clean", CorruptedImages(ds.image_paths, reader=ds.image_reader), ds.image_ids)
-    q = streams.QuerySet(f"{c}-{sev}", CorruptedImages(ds.image_paths, c, sev, ctx.shift_seed,
-                                                       reader=ds.image_reader), ds.image_ids)
-    return RetrievalTask("", "i2t", [q], ds.captions, ds.caption_ids, clean_queries=clean)
+    rows = _rows(ctx, len(ds))
+    q = pipeline.query_images(ds, c, sev, ctx.shift_seed, rows=rows, workers=ctx.workers, size=_image_size(ctx),
+                              progress=ctx.progress)
+    return RetrievalTask("", "i2t", [streams.QuerySet(f"{c}-{sev}", q, ds.image_ids[_ids(rows, len(ds))])],
+                         ds.captions, ds.caption_ids, clean_queries=_real_clean_images(ctx, rows))
+
+
+def _real_perturbed_captions(ds, pert: str, lvl: int, seed: int, rows: np.ndarray | None) -> list[str]:
+    """Captions ``rows`` (None: all) under ``pert`` at ``lvl``, caption ``k`` seeded by ``k``, word-level
+    synonyms from WordNet (:func:`qshift.shifts.text.perturb_real_texts`); cached."""
+    idx = np.arange(len(ds.captions)) if rows is None else rows
+    spec = {"kind": "realperturb", "pipeline_version": pipeline.PIPELINE_VERSION, "dataset": ds.name,
+            "format": ds.format, "annotation_sha256": ds.annotation_digest(),
+            "captions": hashlib.sha256("\n".join(ds.captions).encode()).hexdigest()[:32],
+            "perturbation": pert, "level": lvl, "shift_seed": seed, "nlpaug": metadata.version("nlpaug"),
+            "lexicon": real_lexicon_key(pert),
+            **({} if rows is None else {"rows": hashlib.sha256(rows.tobytes()).hexdigest()[:24], "n_rows": len(rows)})}
+    return cache.cached_texts(spec, lambda: perturb_real_texts([ds.captions[i] for i in idx.tolist()], pert, lvl,
+                                                               idx.tolist(), seed=seed))
 
 
 def _real_perturbed(ctx, p):
     ds, pert, lvl = ctx.dataset, p["perturbation"], p["level"]
-    caps = perturb_texts(list(ds.captions), pert, lvl, np.arange(len(ds.captions)), seed=ctx.shift_seed)
-    return RetrievalTask("", "t2i", [streams.QuerySet(f"{pert}-{lvl}", caps, ds.caption_ids)],
-                         CorruptedImages(ds.image_paths, reader=ds.image_reader), ds.image_ids,
-                         clean_queries=streams.QuerySet("clean", list(ds.captions), ds.caption_ids))
+    rows = _rows(ctx, len(ds.captions))
+    idx = _ids(rows, len(ds.captions))
+    caps = _real_perturbed_captions(ds, pert, lvl, ctx.shift_seed, rows)
+    ids = ds.caption_ids[idx]
+    return RetrievalTask("", "t2i", [streams.QuerySet(f"{pert}-{lvl}", caps, ids)], _real_gallery_images(ctx),
+                         ds.image_ids,
+                         clean_queries=streams.QuerySet("clean", [ds.captions[i] for i in idx.tolist()], ids))
 
 
 # ------------------------------------------------------------------------------- registrations

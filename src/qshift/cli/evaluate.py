@@ -103,7 +103,7 @@ def _print_rows(rows, title: str, t0: float) -> None:
 
 def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],
                     data_root: Optional[Path], annotation: Optional[Path], device: str, preprocess: str,
-                    shift_seed: int, progress: bool):
+                    shift_seed: int, progress: bool, max_queries: Optional[int] = None):
     """Resolve (task, RetrievalModel, GridBackbone) for the embedded world or a real dataset + backbone.
 
     The cheap checks come first (the dataset's files, the benchmark's name, the model and its weights),
@@ -119,7 +119,8 @@ def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], da
                             device=device)
     fam, params = resolve(benchmark, backbone.dataset)
     model = backbone.model(fam.direction_of(params))
-    task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress, dataset=backbone.dataset)
+    task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress, dataset=backbone.dataset,
+                           max_queries=max_queries)
     return task, model, backbone
 
 
@@ -131,7 +132,11 @@ def run_cmd(
         "--set", help="Override a protocol knob or method option: key=value (repeatable). Protocol keys: "
                       "batch_size, steps, lr, weight_decay, scoring, reset, seed; anything else goes to the method.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON line instead of a table.")] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the run's result JSON.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the run's result JSON (named by benchmark, method, "
+                                                     "seed and a hash of the config: other options never overwrite "
+                                                     "it).")] = None,
+    max_queries: Annotated[Optional[int], typer.Option(min=1, help="Keep at most this many queries, evenly over "
+                                                                   "the benchmark's query sets.")] = None,
     weights: WeightsOpt = None,
     shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
     model: ModelOpt = "world",
@@ -150,13 +155,12 @@ def run_cmd(
         if out is not None:
             prepare_output_dir(out)
         task, rmodel, backbone = _task_and_model(benchmark, model, weights, dataset, data_root, annotation, device,
-                                                 preprocess, shift_seed, not as_json)
+                                                 preprocess, shift_seed, not as_json, max_queries)
         result = run_online(rmodel, task, cfg, progress=not as_json)
     except USER_ERRORS as e:
         _error(e)
         raise typer.Exit(2)
-    result.model = backbone.identity
-    result.shift_seed = shift_seed
+    result.model, result.shift_seed, result.max_queries = backbone.identity, shift_seed, max_queries
     row = {"benchmark": benchmark, "direction": task.direction, "method": method, "model": model,
            "metrics": {k: round(result.metrics[k], 4) for k in ("R@1", "R@5", "R@10", "mAP")},
            "n_queries": result.n_queries, "n_gallery": result.n_gallery}

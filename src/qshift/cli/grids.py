@@ -156,10 +156,10 @@ def restamp_cmd(
 ) -> None:
     """Mark cells made with a previous world model as current, after rerunning a sample of them with the
     current model and finding identical results (for model changes that provably cannot affect them)."""
-    from qshift.bench import grid as G
+    from qshift.bench.restamp import restamp_cells
 
     try:
-        res = G.restamp_cells(folder, pattern, verify=verify, seed=seed, from_sha=from_sha, log=console.print)
+        res = restamp_cells(folder, pattern, verify=verify, seed=seed, from_sha=from_sha, log=console.print)
     except (ValueError, RuntimeError) as e:
         _error(e)
         raise typer.Exit(2)

@@ -36,38 +36,70 @@ def shifts_list(
     for name in registry.list_benchmarks(dataset):
         if pattern is None or pattern in name:
             typer.echo(name)
+    if dataset is None:  # on stderr: stdout stays one name a line
+        typer.echo(f"# the embedded world's benchmarks; real datasets ({', '.join(DATASET_NAMES)}) have their own, "
+                   "listed by `qshift shifts list --dataset NAME` and run with --dataset NAME --data-root DIR:", err=True)
+        for fam in registry.families():
+            if fam.needs_dataset:
+                typer.echo(f"#   {fam.pattern}", err=True)
 
 
 @shifts_app.command("materialize")
 def shifts_materialize(
     dataset: Annotated[str, typer.Option(help="coco, flickr, cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out].")],
     data_root: Annotated[Path, typer.Option(help="Folder with the clean images and the annotation file.")],
-    out: Annotated[Path, typer.Option(help="Where to write <corruption>/<severity>/ copies.")],
-    corruption: Annotated[Optional[list[str]], typer.Option(help="Corruption(s) (repeatable; default: the 16).")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the copies (see --layout).")],
+    corruption: Annotated[Optional[list[str]], typer.Option(help="Image corruption(s) (repeatable; default: the 16, "
+                                                                  "unless only --perturbation is given).")] = None,
     severity: Annotated[Optional[list[int]], typer.Option(min=1, max=5, help="Severity (repeatable; default 1–5).")]
     = None,
+    perturbation: Annotated[Optional[list[str]], typer.Option(
+        help="Text perturbation(s) whose annotation files to write, or 'all' (repeatable; COCO / Flickr; "
+             "synonym_replace and word_insert need WordNet: pip install 'qshift[wordnet]').")] = None,
+    level: Annotated[Optional[list[int]], typer.Option(min=1, max=7, help="Text level (repeatable; default 1–7).")]
+    = None,
     annotation: Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name).")] = None,
-    seed: Annotated[int, typer.Option(help="Shift seed (the same pixels as the on-the-fly benchmark).")] = 0,
+    seed: Annotated[int, typer.Option(help="Shift seed (the same pixels and captions as the on-the-fly benchmark).")]
+    = 0,
     layout: Annotated[str, typer.Option(help="qshift: <out>/<corruption>/<severity>/ with the annotation (a drop-in "
-                                             "--data-root); tcr: TCR's <out>/coco-IP/COCO_IP_<c>_<s>/ image roots.")]
+                                             "--data-root) and <out>/<perturbation>/<level>/<annotation> (a drop-in "
+                                             "--annotation); tcr: TCR's <out>/coco-IP/COCO_IP_<c>_<s>/ image roots and "
+                                             "<out>/coco-TP/annotation_<name>/<level>/ annotation folders.")]
     = "qshift",
 ) -> None:
-    """Write corrupted copies of a real dataset to disk, for people who want files."""
+    """Write corrupted copies of a real dataset's images and perturbed copies of its captions to disk."""
     from qshift.data import retrieval_datasets as RD
-    from qshift.shifts.image import CORRUPTIONS
     from qshift.data.karpathy import DATASETS, materialize
+    from qshift.shifts.image import CORRUPTIONS, available_corruptions
+    from qshift.shifts.text import LEVELS, TCR_TP_ROOTS, TEXT_PERTURBATIONS, materialize_text
 
+    perts = list(TEXT_PERTURBATIONS) if perturbation and "all" in perturbation else list(perturbation or [])
+    corrs = corruption or ([] if perts else list(CORRUPTIONS))
+    n = 0
+    texts: list[Path] = []
     try:
+        bad = [c for c in corrs if c not in available_corruptions()]
+        if bad:
+            raise ValueError(f"unknown corruption(s) {bad}; see `qshift shifts list`")
         ds = RD.load_dataset(dataset, data_root, annotation)
-        default = DATASETS.get(dataset) or RD.PEDES.get(dataset) or RD.NOCAPS_FILE
-        ann = annotation or data_root / default
-        n = materialize(ds, data_root, ann, out, corruption or list(CORRUPTIONS), severity or [1, 2, 3, 4, 5], seed,
-                        layout=layout)
+        if perts:  # first: fast, and it finds WordNet before anything long runs
+            texts = materialize_text(ds, data_root, out, perts, level or list(LEVELS),
+                                     DATASETS.get(ds.name, "annotation.json"), seed, layout)
+        if corrs:
+            default = DATASETS.get(dataset) or RD.PEDES.get(dataset) or RD.NOCAPS_FILE
+            ann = annotation or getattr(ds, "annotation", None) or data_root / default
+            n = materialize(ds, data_root, ann, out, corrs, severity or [1, 2, 3, 4, 5], seed, layout=layout)
     except (ValueError, FileNotFoundError) as e:
         _error(e)
         raise typer.Exit(2)
-    where = "<corruption>/<severity>/ (each a drop-in --data-root)" if layout == "qshift" else "TCR's *-IP/ image roots"
-    console.print(f"wrote {n} images under {out}/{where}")
+    if corrs:
+        where = "<corruption>/<severity>/ (each a drop-in --data-root)" if layout == "qshift" \
+            else "TCR's *-IP/ image roots"
+        console.print(f"wrote {n} images under {out}/{where}")
+    if texts:
+        where = "<perturbation>/<level>/ (each a drop-in --annotation)" if layout == "qshift" \
+            else f"{TCR_TP_ROOTS[ds.name]}/annotation_<name>/<level>/ (each a TCR ann_root)"
+        console.print(f"wrote {len(texts)} annotation files under {out}/{where}")
 
 
 @shifts_app.command("preview")

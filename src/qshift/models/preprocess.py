@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from qshift.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESS_MODES = ("model", "tcr")
@@ -22,7 +24,7 @@ def to_pil_list(items: Any) -> list[Image.Image]:
     """A batch of images as RGB PIL images: PIL images, file paths, or a uint8 array [B, H, W, 3]."""
     if isinstance(items, np.ndarray):
         if items.ndim != 4 or items.shape[-1] != 3 or items.dtype != np.uint8:
-            raise ValueError(f"image arrays must be uint8 [B, H, W, 3], got {items.dtype} {items.shape}")
+            raise UserError(f"image arrays must be uint8 [B, H, W, 3], got {items.dtype} {items.shape}")
         return [Image.fromarray(x) for x in items]
     out = []
     for x in items:
@@ -53,7 +55,7 @@ def images_to_tensor(items: Any, transform: Callable, device: torch.device | str
     """Apply a per-image transform to a batch (float tensors [B, 3, H, W] pass through)."""
     if isinstance(items, torch.Tensor) and items.is_floating_point():
         if items.ndim != 4:
-            raise ValueError(f"image tensors must be [B, 3, H, W], got {tuple(items.shape)}")
+            raise UserError(f"image tensors must be [B, 3, H, W], got {tuple(items.shape)}")
         return items.to(device)
     return torch.stack([transform(im) for im in to_pil_list(items)]).to(device)
 
@@ -67,6 +69,6 @@ def check_texts(texts: Any) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"caption {i} is {type(t).__name__}, expected str")
         if not t.strip():
-            raise ValueError(f"caption {i} is empty")
+            raise UserError(f"caption {i} is empty")
         out.append(t)
     return out
