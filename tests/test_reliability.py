@@ -18,7 +18,7 @@ from qshift.data import world
 from qshift.engine import RunConfig, parse_settings, result_filename, run_online
 from qshift.errors import NonFiniteError, UserError
 from qshift.methods import create
-from qshift.methods.guard import CollapseGuard, distinct_top1
+from qshift.methods.guard import CollapseGuard, distinct_top1, signals
 from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel
 from qshift.options import Protocol
 
@@ -325,15 +325,22 @@ def test_two_adapters_on_one_model_copy_or_refuse(tiny_model, world_split):
 
 # ----------------------------------------------------------------------------------------- collapse guard
 
-def test_the_guard_signal():
-    g = CollapseGuard(window=2, ratio=0.5)
+def test_the_guard_signals():
+    g = CollapseGuard(window=2, ratio=0.5, signal="diversity")
     diverse = torch.eye(8)
     one = torch.zeros(8, 8)
     one[:, 3] = 1
     assert distinct_top1(diverse) == 8 and distinct_top1(one) == 1
+    source = torch.eye(8)
+    source[0, 3] = source[1, 3] = 0.5  # item 3 is second for queries 0 and 1
+    sig = signals(one, source, k=2)
+    assert sig["diversity"] == 1 / 8 and sig["agreement"] == 1 / 8  # only query 3's top-1 is the source's
+    assert sig["containment"] == 3 / 8  # in the source's top 2 for queries 0, 1 and 3
     assert not g.observe(diverse, diverse)["collapsed"]
     assert not g.observe(one, diverse)["collapsed"]  # window mean (1 + 1/8) / 2 is above 0.5
     assert g.observe(one, diverse)["collapsed"] and g.fired == 1 and not g.history
+    with pytest.raises(ValueError, match="collapse signal"):
+        CollapseGuard(window=2, ratio=0.5, signal="vibes")
 
 
 def test_the_guard_fires_on_a_collapsing_tent_and_resets_to_source(shipped_model, world_split):
@@ -346,7 +353,7 @@ def test_the_guard_fires_on_a_collapsing_tent_and_resets_to_source(shipped_model
         for k in range(8):
             _, rec = m.adapt_batch(imgs[(8 * k) % 32: (8 * k) % 32 + 8])
             fired.append(rec.get("collapse_reset", False))
-            ratios.append(rec["guard"]["diversity_ratio"])
+            ratios.append(rec["guard"]["containment"])
         assert min(ratios) <= 0.25 and any(fired) and m.guard.fired == sum(fired)
         assert m.batches_seen == 8  # the counters survive the resets
         # the same collapse with the guard off: nothing resets

@@ -117,7 +117,8 @@ class Method:
         self.source_state = [p.detach().clone() for p in self.params]
         self.optimizer = self._make_optimizer()
         self.batches_seen = 0
-        self.guard = (CollapseGuard(self.protocol.collapse_window, self.protocol.collapse_ratio)
+        self.guard = (CollapseGuard(self.protocol.collapse_window, self.protocol.collapse_ratio,
+                                    self.protocol.collapse_signal)
                       if self.protocol.reset == "on-collapse" and self.adapts else None)
         self.setup()
 

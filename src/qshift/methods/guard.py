@@ -1,14 +1,21 @@
 """The collapse guard: a label-free monitor that sends a collapsing adaptation back to the source state.
 
-Entropy-minimising methods can collapse on a stream (every query retrieves the same few gallery items,
-R@1 falls to near zero within a few batches).  The guard watches one signal per batch, the **diversity
-ratio**: how many distinct gallery items the adapted model ranks first, divided by how many the source
-model ranks first on the same batch (one extra forward, without gradients, at the source parameters).
-A healthy adaptation keeps it near 1; a collapse drives it towards ``1 / B``.  When its mean over the
-last ``window`` batches falls below ``ratio``, the method is reset to the source parameters and the
-event is recorded.  It is the protocol's ``reset=on-collapse`` (docs/method.md §2), usable by every
-method and by :class:`qshift.Adapter`; the defaults were chosen on val streams
-(``benchmarks/tune_collapse_guard.py``).
+Entropy-minimising methods can collapse on a stream: R@1 falls towards zero within a few batches while
+the adapted model keeps answering confidently.  The guard compares, on every batch, the adapted model's
+ranking with the source model's on the same queries (one extra forward without gradients, at the source
+parameters) through one of three label-free signals:
+
+- ``containment`` — the share of queries whose adapted top-1 item is among the source model's top
+  :data:`TOP_K` (adaptation refines a ranking, a collapse leaves it);
+- ``agreement`` — the share of queries whose adapted top-1 is the source's top-1;
+- ``diversity`` — distinct top-1 items of the adapted model over the source model's (a collapse onto a
+  few hub items drives it towards ``1 / B``).
+
+All three are recorded for every batch; ``collapse_signal`` picks the one that decides.  When its mean over
+the last ``collapse_window`` batches falls below ``collapse_ratio``, the method is reset to the source
+parameters and the event is recorded.  It is the protocol's ``reset=on-collapse`` (docs/method.md §2),
+usable by every method and by :class:`qshift.Adapter`; the defaults were chosen on val streams
+(``benchmarks/tune_collapse_guard.py``, ``results/collapse-guard/README.md``).
 """
 from __future__ import annotations
 
@@ -17,35 +24,52 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qshift.options import COLLAPSE_SIGNALS as SIGNALS
+
+#: the source ranking depth that ``containment`` checks the adapted top-1 against
+TOP_K = 10
+
 
 def distinct_top1(scores: torch.Tensor) -> int:
     """How many distinct gallery rows are ranked first over a batch of score rows [B, N]."""
     return int(torch.unique(scores.argmax(dim=1)).numel())
 
 
+def signals(adapted: torch.Tensor, source: torch.Tensor, k: int = TOP_K) -> dict[str, float]:
+    """The three label-free signals of one batch, from the adapted and the source model's scores [B, N]."""
+    top1 = adapted.argmax(dim=1)
+    src_top = source.topk(min(k, source.shape[1]), dim=1).indices
+    return {"containment": float((src_top == top1[:, None]).any(dim=1).float().mean()),
+            "agreement": float((src_top[:, 0] == top1).float().mean()),
+            "diversity": distinct_top1(adapted) / max(1, distinct_top1(source))}
+
+
 @dataclass
 class CollapseGuard:
-    """Diversity ratio of the adapted model's top-1 to the source model's, over a window of batches."""
+    """The mean of one signal over a window of batches, against a threshold."""
 
     window: int
     ratio: float
+    signal: str = "containment"
     history: deque = field(init=False)
     fired: int = 0
 
     def __post_init__(self) -> None:
+        if self.signal not in SIGNALS:
+            raise ValueError(f"collapse signal must be one of {SIGNALS}, got {self.signal!r}")
         self.history = deque(maxlen=self.window)
 
     def observe(self, adapted: torch.Tensor, source: torch.Tensor) -> dict[str, float | bool]:
-        """Add one batch (the scores returned, and the source model's on the same queries); return the
-        batch's signal and whether the window now says *collapsed* (which clears the window)."""
-        rho = distinct_top1(adapted) / max(1, distinct_top1(source))
-        self.history.append(rho)
+        """Add one batch (the scores returned, and the source model's on the same queries); return its
+        signals, the window's mean and whether the window now says *collapsed* (which clears it)."""
+        sig = signals(adapted, source)
+        self.history.append(sig[self.signal])
         mean = sum(self.history) / len(self.history)
         collapsed = len(self.history) == self.window and mean < self.ratio
         if collapsed:
             self.fired += 1
             self.history.clear()
-        return {"diversity_ratio": rho, "window_mean": mean, "collapsed": collapsed}
+        return {**sig, "window_mean": mean, "collapsed": collapsed}
 
     def clear(self) -> None:
         self.history.clear()
