@@ -288,6 +288,13 @@ def test_openclip_config_file_autocast_and_checkpointing(openclip_ckpt):
         load_model(f"openclip:{cfg}", "i2t", openclip_ckpt, autocast="fp8")
 
 
+def store_record(out):
+    """One full cell record of a grid folder."""
+    from qshift.bench import store
+
+    return next(payload for _, payload in store.iter_cell_files(out) if "metrics" in payload)
+
+
 def test_a_grid_runs_on_a_real_backbone_over_a_local_dataset(tmp_path, openclip_ckpt):
     """`qshift bench` takes the same model and dataset specs as `qshift run`: a tiny random open_clip
     model on a tiny COCO-format dataset, cells resumable and stale when the weights change."""
@@ -313,6 +320,22 @@ def test_a_grid_runs_on_a_real_backbone_over_a_local_dataset(tmp_path, openclip_
     assert rec["lr"] == rec["lr_default"] == 3e-4  # open_clip's protocol rate, resolved by the backbone
     again = G.run_grid(spec, out, only, progress=False, log=lambda m: None)
     assert again["skipped"] == 12 and again["done"] == 0
+    # the same grid through the CLI (resumes: nothing to run), then its report
+    from typer.testing import CliRunner
+
+    from qshift.cli import app
+
+    cli = CliRunner()
+    bench = cli.invoke(app, ["bench", "--grid", str(grid_file), "--out", str(out)])
+    assert bench.exit_code == 0 and "12 already finished" in bench.output, bench.output
+    rep = cli.invoke(app, ["report", str(out)])
+    assert rep.exit_code == 0, rep.output
+    report = (out / "report" / "report.md").read_text()
+    assert "coco-c/i2t" in report or "gaussian_noise" in report
+    recorded = store_record(out)
+    assert recorded["model"]["model"] == f"openclip:{TINY_OPENCLIP}" and recorded["model"]["weights_sha256"]
+    assert recorded["model"]["annotation_sha256"] and recorded["shift_seed"] == 0
+    assert {"torch", "open_clip_torch", "imagecorruptions-imaug"} <= set(recorded["environment"])
     # other weights: another model identity, so every cell is stale and reruns
     torch.manual_seed(1)
     other = tmp_path / "other.pt"
