@@ -115,7 +115,7 @@ class _H5Images:
 def load_fashiongen(data_root: str | Path, annotation: str | Path | None = None, max_words: int = 77) -> ImageTextDataset:
     """Fashion-Gen validation from its HDF5 file; one description per image, relevance by product id."""
     try:
-        import h5py
+        import h5py  # optional dependency (qshift[datasets])
     except ImportError as e:
         raise ImportError("Fashion-Gen's HDF5 files need h5py: pip install 'qshift[datasets]'") from e
     root = Path(data_root)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from qshift.methods.base import Method, StepOutput, register
+from qshift.methods.entropy_baselines import entropy_filter_options, entropy_margin
 from qshift.methods.objectives import softmax_entropy
 from qshift.methods.simple import TEMPERATURE_HELP
 from qshift.options import Options, option
@@ -105,10 +106,7 @@ class DeYO(Method):
     """
 
     @dataclass(frozen=True)
-    class Options(Options):
-        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
-        e_margin: float = option(0.5, "entropy margin E0: below 1, a fraction of ln N; else an absolute entropy",
-                                 minimum=0.0)
+    class Options(entropy_filter_options(e_margin_default=0.5)):
         plpd_threshold: float = option(0.2, "keep queries whose predicted item's probability drops by more than "
                                             "this when the query is shuffled (PLPD)")
         grid: int = option(4, "patch grid of the image shuffle (grid × grid patches)", minimum=1)
@@ -117,7 +115,7 @@ class DeYO(Method):
     def setup(self) -> None:
         o = self.opts
         self.temperature, self.plpd_threshold, self.grid = o.temperature, o.plpd_threshold, o.grid
-        self.e0 = o.e_margin * math.log(self.gallery.shape[0]) if o.e_margin < 1.0 else o.e_margin
+        self.e0 = entropy_margin(o.e_margin, self.gallery.shape[0])
         self.gen = torch.Generator().manual_seed(o.seed)
         self._shuffled_z: torch.Tensor | None = None
 

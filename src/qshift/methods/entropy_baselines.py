@@ -17,9 +17,25 @@ from qshift.options import Options, option
 log = logging.getLogger(__name__)
 
 
-def _margin(e_margin: float, n: int) -> float:
-    """e_margin given as a fraction (< 1.0 → fraction of ln N) or as an absolute entropy."""
+def entropy_margin(e_margin: float, n: int) -> float:
+    """The entropy margin E0 over an ``n``-item gallery: ``e_margin`` given as a fraction (< 1.0 → fraction
+    of ln N) or as an absolute entropy."""
     return e_margin * math.log(n) if e_margin < 1.0 else e_margin
+
+
+def entropy_filter_options(e_margin_default: float) -> type[Options]:
+    """The options the entropy-filtering methods share, declared once: the softmax temperature and the
+    entropy margin E0 (see :func:`entropy_margin`), ``e_margin_default`` the method's default for it.
+    ETA / EATA here and DeYO (:mod:`qshift.methods.confidence_baselines`) subclass the result and add their
+    own options after these two."""
+
+    @dataclass(frozen=True)
+    class EntropyFilterOptions(Options):
+        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
+        e_margin: float = option(e_margin_default,
+                                 "entropy margin E0: below 1, a fraction of ln N; else an absolute entropy", minimum=0.0)
+
+    return EntropyFilterOptions
 
 
 @register("eta")
@@ -27,10 +43,7 @@ class ETA(Method):
     """ETA (Niu et al., ICML 2022): entropy of reliable, non-redundant queries, weighted by exp(E0 − H)."""
 
     @dataclass(frozen=True)
-    class Options(Options):
-        temperature: float = option(0.01, TEMPERATURE_HELP, minimum=0.0, exclusive_minimum=True)
-        e_margin: float = option(0.4, "entropy margin E0: below 1, a fraction of ln N; else an absolute entropy",
-                                 minimum=0.0)
+    class Options(entropy_filter_options(e_margin_default=0.4)):
         d_margin: float = option(0.05, "redundancy margin: drop queries whose prediction is this close (cosine) "
                                        "to the running mean prediction", minimum=0.0)
         fisher_items: Any = option(None, "EATA: clean queries for the Fisher anchor (library use: raw items)")
@@ -39,7 +52,7 @@ class ETA(Method):
     def setup(self) -> None:
         o = self.opts
         self.temperature, self.d_margin = o.temperature, o.d_margin
-        self.e0 = _margin(o.e_margin, self.gallery.shape[0])
+        self.e0 = entropy_margin(o.e_margin, self.gallery.shape[0])
         self.mean_probs: torch.Tensor | None = None
         self.fisher: list[torch.Tensor] | None = None
         self.fisher_alpha = o.fisher_alpha

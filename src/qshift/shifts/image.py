@@ -25,6 +25,7 @@ LIBRARY = "imagecorruptions-imaug"
 
 def _library():
     try:
+        # deferred to first use, not optional: imagecorruptions loads scipy, scikit-image and OpenCV (~0.6 s)
         import imagecorruptions  # noqa: F401
         from imagecorruptions import corrupt, get_corruption_names
     except ImportError as e:  # pragma: no cover - a dependency of qshift

@@ -118,7 +118,7 @@ def _seeded(s: int):
 @lru_cache(maxsize=64)
 def _char_augmenter(name: str, level: int):
     try:
-        import nlpaug.augmenter.char as nac
+        import nlpaug.augmenter.char as nac  # deferred to first use, not optional: nlpaug loads torch (~3 s)
     except ImportError as e:  # pragma: no cover - a dependency of qshift
         raise ImportError("character-level perturbations need nlpaug: pip install nlpaug") from e
     p = 0.05 * level
@@ -178,7 +178,7 @@ def _installed_wordnet_dirs() -> list[tuple[str, Path]]:
 def _nltk_data_wordnet() -> WordNetLocation | None:
     """``corpora/wordnet`` (folder or zip) on nltk's data path, where ``nltk.download('wordnet')`` puts it."""
     try:
-        import nltk.data
+        import nltk.data  # optional dependency (qshift[wordnet])
     except ImportError:
         return None
     for resource in ("corpora/wordnet.zip/wordnet/", "corpora/wordnet"):  # the order nltk's own loader uses
@@ -224,7 +224,7 @@ def find_wordnet(path: str | Path | None = None) -> WordNetLocation:
 
 
 def _wordnet_reader_class():
-    try:
+    try:  # optional dependency (qshift[wordnet])
         import nltk.data
         from nltk.corpus.reader.wordnet import WordNetCorpusReader
     except ImportError as e:
