@@ -3,7 +3,7 @@
 The rule, written down before the runs it is applied to (docs/method.md §2, ``reset=on-collapse``).  A first
 version of this rule watched only the diversity of the top-1 items; its val runs showed Tent, SAR and ETA
 losing two thirds of their R@1 on clean val queries while that signal stayed at 0.9–1.0 (their top-1
-items stay distinct but wrong), so the guard now records three signals (``qshift.methods.guard``) and the
+items stay distinct but wrong), so the guard now records four signals (``qshift.methods.guard``) and the
 rule chooses among them, on val only:
 
 1. **Observe** (val split, 640 queries each of ``world-clean/i2t``, ``world-c/i2t/gaussian_noise/5``,
@@ -14,9 +14,9 @@ rule chooses among them, on val only:
    one odd batch, short enough to stop a collapse within a few batches).  A 4-batch window of a run is
    *collapsed* when its mean R@1 is below half the source model's on the same batches (labels are used
    here, on val, and nowhere else).  For each signal the threshold is 0.8 × the lowest 4-batch mean any
-   TCR or REST run reached (the healthy floor, less a 20 % margin), rounded down to 0.05, within
-   [0.1, 0.9]; its score is the share of collapsed windows it flags minus the share of the other windows
-   (all methods) it flags.  The signal with the best score wins (ties: containment, agreement, diversity).
+   TCR or REST run reached (the healthy floor, less a 20 % margin), rounded down to 0.05 and at most
+   0.9; its score is the share of collapsed windows it flags minus the share of the other windows
+   (all methods) it flags.  The signal with the best score wins (ties: in the order confident, containment, agreement, diversity).
 3. **Measure** (test split, once, after the choice): Tent and SAR with ``reset=never`` and with
    ``reset=on-collapse`` on ``world-clean/i2t`` and ``world-c/i2t/gaussian_noise/5`` (online R@1 and how
    often the guard fired), and TCR and REST with ``reset=on-collapse`` on the same streams (how often it
@@ -46,7 +46,7 @@ from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.options import Protocol
 
 VAL_STREAMS = ["world-clean/i2t", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5", "world-c/t2i/keyboard/6"]
-SIGNALS = ("containment", "agreement", "diversity")
+SIGNALS = ("confident", "containment", "agreement", "diversity")
 HEALTHY = ["tcr", "rest"]
 PRONE = ["tent", "sar", "eta"]
 WINDOW = 4
@@ -97,7 +97,7 @@ def choose(out: Path) -> dict:
     table = {}
     for sig in SIGNALS:
         floor = min(min(_window_means(r["signals"][sig], WINDOW)) for r in adapting if r["method"] in HEALTHY)
-        thr = min(0.9, max(0.1, math.floor(0.8 * floor / 0.05) * 0.05))
+        thr = min(0.9, math.floor(0.8 * floor / 0.05) * 0.05)
         hit = miss = alarm = calm = 0
         for r in adapting:
             for s_mean, r1, src in zip(_window_means(r["signals"][sig], WINDOW), _window_means(r["batch_r1"], WINDOW),

@@ -23,7 +23,7 @@ T = TypeVar("T", bound="Options")
 SCORING_MODES = ("pre", "tcr", "post")
 RESETS = ("never", "episodic", "reset_each_domain", "on-collapse")
 OPTIMIZERS = ("adamw", "sgd")
-COLLAPSE_SIGNALS = ("containment", "agreement", "diversity")  # qshift.methods.guard
+COLLAPSE_SIGNALS = ("confident", "containment", "agreement", "diversity")  # qshift.methods.guard
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -197,10 +197,11 @@ class Protocol(Options):
     optimizer: str = option("adamw", "optimizer of the adapted parameters", choices=OPTIMIZERS)
     collapse_window: int = option(4, "batches the collapse guard averages its diversity ratio over "
                                      "(with reset=on-collapse)", minimum=1, maximum=1000)
-    collapse_signal: str = option("containment", "what the collapse guard watches: the share of adapted top-1 "
-                                                 "items in the source model's top 10 (`containment`), the share "
-                                                 "equal to the source's top-1 (`agreement`), or distinct top-1 "
-                                                 "items over the source's (`diversity`)",
+    collapse_signal: str = option("confident", "what the collapse guard watches (qshift.methods.guard): the share "
+                                               "of adapted top-1 items in the source model's top 10, weighted by "
+                                               "the source's confidence (`confident`) or not (`containment`), the "
+                                               "share equal to the source's top-1 (`agreement`), or distinct top-1 "
+                                               "items over the source's (`diversity`)",
                                   choices=COLLAPSE_SIGNALS)
     collapse_ratio: float = option(0.5, "the guard resets when its signal, averaged over the window, falls below "
                                         "this", minimum=0.0, maximum=1.0)

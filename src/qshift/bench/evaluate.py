@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from qshift.data import world
+from qshift.data.task import check_served, directions_of
 from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel
 from qshift.retrieval.encode import encode_batched
 from qshift.retrieval.metrics import retrieval_metrics
 
-DIRECTIONS = ("i2t", "t2i")
+DIRECTIONS = directions_of("image-text")
 REPORTED = ("R@1", "R@5", "R@10", "mAP")
 
 
@@ -36,9 +37,7 @@ class EvalRow:
 def evaluate_world_split(model: WorldDualEncoder, split: world.WorldSplit, directions: tuple[str, ...] = DIRECTIONS,
                          benchmark: str | None = None, batch_size: int = 256, progress: bool = False) -> list[EvalRow]:
     """Clean retrieval metrics of ``model`` on ``split`` for each direction."""
-    for d in directions:
-        if d not in DIRECTIONS:
-            raise ValueError(f"unknown direction {d!r}; expected one of {DIRECTIONS}")
+    dirs = [check_served(d, ("image-text",), "the embedded world") for d in directions]
     model.eval()
     images = split.images()
     zi = encode_batched(model.encode_image, images, batch_size, desc="images", progress=progress)
@@ -46,14 +45,12 @@ def evaluate_world_split(model: WorldDualEncoder, split: world.WorldSplit, direc
     image_ids = torch.arange(len(images))
     caption_ids = torch.as_tensor(split.caption_image)
     name = benchmark or f"world/{split.name}"
+    side = {"image": (zi, image_ids), "text": (zt, caption_ids)}  # each modality's embeddings and ids
     rows = []
-    for d in directions:
-        if d == "i2t":
-            m = retrieval_metrics(zi @ zt.T, image_ids, caption_ids)
-            rows.append(EvalRow(name, d, m, len(images), len(split.captions)))
-        else:
-            m = retrieval_metrics(zt @ zi.T, caption_ids, image_ids)
-            rows.append(EvalRow(name, d, m, len(split.captions), len(images)))
+    for d in dirs:
+        (zq, q_ids), (zg, g_ids) = side[d.query], side[d.gallery]
+        m = retrieval_metrics(zq @ zg.T, q_ids, g_ids)
+        rows.append(EvalRow(name, d.name, m, len(q_ids), len(g_ids)))
     return rows
 
 

@@ -32,7 +32,7 @@ from qshift.bench import cache, world_data
 from qshift.bench.registry import BuildContext, Family, register_family
 from qshift.data import pipeline, streams, world
 from qshift.data.retrieval_datasets import DATASET_NAMES
-from qshift.data.task import RetrievalTask
+from qshift.data.task import RetrievalTask, directions_of, query_modality
 from qshift.shifts.image import CORRUPTIONS, SEVERITIES, available_corruptions
 from qshift.shifts.text import CHAR_PERTURBATIONS, LEVELS, TEXT_PERTURBATIONS, perturb_real_texts, real_lexicon_key
 
@@ -44,7 +44,7 @@ DIVERSE_I2T_MIX8 = ("gaussian_noise-5", "outline", "defocus_blur-5", "clutter", 
                     "jpeg_compression-5", "sketch")
 DIVERSE_T2I_MIX8 = ("keyboard-6", "passive", "char_swap-6", "formal", "ocr-6", "terse", "word_swap-6",
                     "synonym_replace-6")
-DIRECTIONS = ("i2t", "t2i")
+DIRECTIONS = directions_of("image-text")  # the world and real datasets serve the image-text task
 ORDERS = (0, 1, 2)  # the listed domain orders; any order<k> builds
 
 
@@ -114,6 +114,11 @@ def _t2i(gallery_images, query_sets, stream_kind="single", domain_order=None, cl
                          domain_order, clean, meta or {})
 
 
+def _image_queries(p: dict) -> bool:
+    """Whether the direction in a family's parameters queries with images (i2t) rather than captions."""
+    return query_modality(p["direction"]) == "image"
+
+
 def _first_captions(split: world.WorldSplit) -> np.ndarray:
     return np.arange(0, len(split.captions), world.CAPTIONS_PER_IMAGE)  # one caption per image
 
@@ -122,7 +127,7 @@ def _first_captions(split: world.WorldSplit) -> np.ndarray:
 
 def _clean(ctx, p):
     test = _split(ctx)
-    if p["direction"] == "i2t":
+    if _image_queries(p):
         return _i2t(test, [_image_set(ctx, test)], clean=_image_set(ctx, test))
     return _t2i(_images(ctx, test), [_caption_set(test)], clean=_caption_set(test))
 
@@ -144,7 +149,7 @@ def _perturbed(ctx, p):
 def _style(ctx, p):
     test, style = _split(ctx), p["style"]
     caps = world_data.style_captions(test, style, ctx.shift_seed)
-    if p["direction"] == "t2i":
+    if not _image_queries(p):
         return _t2i(_images(ctx, test), [streams.QuerySet(style, caps, np.arange(len(test)))],
                     clean=_caption_set(test))
     return RetrievalTask("", "i2t", [_image_set(ctx, test)], caps, np.arange(len(test)),
@@ -154,7 +159,7 @@ def _style(ctx, p):
 def _qgs(ctx, p):
     test, dom = _split(ctx), p["domain"]
     dom_imgs = _images(ctx, test, dom)
-    if p["direction"] == "i2t":
+    if _image_queries(p):
         return _i2t(test, [streams.QuerySet(dom, dom_imgs, np.arange(len(test)))], clean=_image_set(ctx, test),
                     meta={"gallery_domain": dom})
     return _t2i(dom_imgs, [_caption_set(test)], clean=_caption_set(test), meta={"gallery_domain": dom})
@@ -254,7 +259,7 @@ def _real_clean_images(ctx: BuildContext, rows: np.ndarray | None) -> streams.Qu
 
 def _real_clean(ctx, p):
     ds = ctx.dataset
-    if p["direction"] == "i2t":
+    if _image_queries(p):
         imgs = _real_clean_images(ctx, _rows(ctx, len(ds)))
         return RetrievalTask("", "i2t", [imgs], ds.captions, ds.caption_ids, clean_queries=imgs)
     caps = streams.QuerySet("clean", list(ds.captions), ds.caption_ids)

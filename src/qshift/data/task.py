@@ -1,7 +1,13 @@
-"""The task type: what a benchmark resolves to — query sets (one per domain), a frozen gallery, how to
-stream it — and the directions of each retrieval task."""
+"""The retrieval tasks and their directions — the one table the rest of qshift reads instead of branching
+on direction strings — and the task type a benchmark resolves to (query sets, a frozen gallery, how to
+stream it).
+
+:data:`TASKS` holds each :class:`Task` (its directions, relevance rule and reported metrics);
+:data:`DIRECTIONS` maps each direction's name to its :class:`Direction` (query and gallery modality).
+docs/method.md ("Tasks and directions") mirrors this table."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -9,15 +15,137 @@ import numpy as np
 
 from qshift.data import streams
 
-#: each direction's (query modality, gallery modality); the image–text task's two directions
-DIRECTIONS: dict[str, tuple[str, str]] = {"i2t": ("image", "text"), "t2i": ("text", "image")}
+#: the modalities a tower can encode; "image+text" is a composed query (reference image, modification text)
+MODALITIES: tuple[str, ...] = ("image", "text", "video", "audio", "image+text")
+#: relevance rules: "many" — a query may have several positives (5 captions per image); "one" — exactly one
+RELEVANCE_RULES: tuple[str, ...] = ("many", "one")
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One retrieval direction: queries of modality ``query`` against a gallery of modality ``gallery``."""
+
+    name: str
+    task: str
+    query: str
+    gallery: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """A retrieval task: its directions, its relevance rule (``"many"`` or ``"one"``) and the metric names
+    it reports (``pending_metrics``: declared, but not yet computed by :mod:`qshift.retrieval.metrics`)."""
+
+    name: str
+    directions: tuple[Direction, ...]
+    relevance: str
+    metrics: tuple[str, ...]
+    description: str
+    pending_metrics: tuple[str, ...] = ()
+
+    @property
+    def direction_names(self) -> tuple[str, ...]:
+        """The names of the task's directions, in table order."""
+        return tuple(d.name for d in self.directions)
+
+
+def _task(name: str, relevance: str, metrics: tuple[str, ...], description: str,
+          directions: Iterable[tuple[str, str, str, str]], pending: tuple[str, ...] = ()) -> Task:
+    dirs = tuple(Direction(n, name, q, g, text) for n, q, g, text in directions)
+    for d in dirs:
+        if d.query not in MODALITIES or d.gallery not in MODALITIES:
+            raise ValueError(f"direction {d.name!r}: modalities must be among {', '.join(MODALITIES)}")
+    if relevance not in RELEVANCE_RULES:
+        raise ValueError(f"task {name!r}: relevance must be one of {', '.join(RELEVANCE_RULES)}")
+    if not set(pending) <= set(metrics):
+        raise ValueError(f"task {name!r}: pending metrics must be among its metrics")
+    return Task(name, dirs, relevance, metrics, description, pending)
+
+
+#: every retrieval task, by name (the order is the docs' order)
+TASKS: dict[str, Task] = {t.name: t for t in (
+    _task("image-text", "many", ("R@1", "R@5", "R@10", "mAP"),
+          "images and their captions (COCO, Flickr30K, the embedded world); an image has several captions",
+          [("i2t", "image", "text", "an image retrieves its captions"),
+           ("t2i", "text", "image", "a caption retrieves its image")]),
+    _task("video-audio", "one", ("R@1", "R@5", "R@10", "mAP", "MedR"),
+          "video clips and their own audio tracks, one-to-one (CAV-MAE's retrieval evaluation)",
+          [("v2a", "video", "audio", "a video clip retrieves its audio track"),
+           ("a2v", "audio", "video", "an audio track retrieves its video clip")]),
+    _task("composed", "one", ("R@1", "R@5", "R@10", "R@50", "R_s@1", "R_s@2", "R_s@3"),
+          "composed image retrieval (CIRR, FashionIQ): a reference image and a modification text retrieve "
+          "the target image",
+          [("cir", "image+text", "image", "a (reference image, modification text) pair retrieves its target image")],
+          pending=("R_s@1", "R_s@2", "R_s@3")),
+)}
+
+#: every direction of every task, by name
+DIRECTIONS: dict[str, Direction] = {d.name: d for t in TASKS.values() for d in t.directions}
+if len(DIRECTIONS) != sum(len(t.directions) for t in TASKS.values()):
+    raise ValueError("a direction name is used by two tasks")
+
+
+def get_direction(name: str) -> Direction:
+    """The :class:`Direction` called ``name`` (``ValueError`` listing the known ones for an unknown name)."""
+    if name not in DIRECTIONS:
+        raise ValueError(f"unknown direction {name!r}; expected one of {', '.join(DIRECTIONS)}")
+    return DIRECTIONS[name]
 
 
 def query_modality(direction: str) -> str:
     """The modality of the queries of ``direction`` (``ValueError`` for an unknown direction)."""
+    return get_direction(direction).query
+
+
+def gallery_modality(direction: str) -> str:
+    """The modality of the gallery of ``direction`` (``ValueError`` for an unknown direction)."""
+    return get_direction(direction).gallery
+
+
+def get_task(name: str) -> Task:
+    """The :class:`Task` called ``name`` (``ValueError`` listing the known ones for an unknown name)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def task_of(direction: str) -> Task:
+    """The :class:`Task` that ``direction`` belongs to (``ValueError`` for an unknown direction)."""
+    return TASKS[get_direction(direction).task]
+
+
+def directions_of(task: str) -> tuple[str, ...]:
+    """The direction names of ``task``, in table order (``ValueError`` for an unknown task)."""
+    return get_task(task).direction_names
+
+
+def reverse_of(direction: str) -> str | None:
+    """The direction of the same task with query and gallery modalities swapped (``v2a`` → ``a2v``), or
+    None when the task has none (``cir``)."""
+    d = get_direction(direction)
+    for other in TASKS[d.task].directions:
+        if (other.query, other.gallery) == (d.gallery, d.query):
+            return other.name
+    return None
+
+
+def check_served(direction: str, tasks: Iterable[str], server: str) -> Direction:
+    """``direction``'s :class:`Direction` when it belongs to one of ``tasks`` (those ``server`` serves).
+
+    Raises ``ValueError``: for a direction of another task, "direction 'v2a' belongs to the video-audio
+    task, which <server> does not serve (it serves i2t, t2i)"; for an unknown name, the served directions
+    and the other known ones."""
+    served = [n for t in tasks for n in directions_of(t)]
     if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
-    return DIRECTIONS[direction][0]
+        others = [n for n in DIRECTIONS if n not in served]
+        rest = f" (directions of other tasks: {', '.join(others)})" if others else ""
+        raise ValueError(f"unknown direction {direction!r}; {server} serves {', '.join(served)}{rest}")
+    d = DIRECTIONS[direction]
+    if d.name not in served:
+        raise ValueError(f"direction {direction!r} belongs to the {d.task} task, which {server} does not serve "
+                         f"(it serves {', '.join(served)})")
+    return d
 
 
 @dataclass
@@ -36,7 +164,13 @@ class RetrievalTask:
 
     @property
     def query_modality(self) -> str:
+        """The modality of the task's queries (from its direction)."""
         return query_modality(self.direction)
+
+    @property
+    def gallery_modality(self) -> str:
+        """The modality of the task's gallery (from its direction)."""
+        return gallery_modality(self.direction)
 
     @property
     def n_queries(self) -> int:

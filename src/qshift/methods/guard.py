@@ -3,15 +3,18 @@
 Entropy-minimising methods can collapse on a stream: R@1 falls towards zero within a few batches while
 the adapted model keeps answering confidently.  The guard compares, on every batch, the adapted model's
 ranking with the source model's on the same queries (one extra forward without gradients, at the source
-parameters) through one of three label-free signals:
+parameters) through one of four label-free signals:
 
+- ``confident`` — ``containment`` with each query weighted by how sure the source model is of it (its
+  top-1 softmax probability at temperature :data:`SOURCE_TAU`): under a severe shift a good adaptation
+  leaves the source's unsure rankings, but keeps the ones the source was sure of;
 - ``containment`` — the share of queries whose adapted top-1 item is among the source model's top
   :data:`TOP_K` (adaptation refines a ranking, a collapse leaves it);
 - ``agreement`` — the share of queries whose adapted top-1 is the source's top-1;
 - ``diversity`` — distinct top-1 items of the adapted model over the source model's (a collapse onto a
   few hub items drives it towards ``1 / B``).
 
-All three are recorded for every batch; ``collapse_signal`` picks the one that decides.  When its mean over
+All four are recorded for every batch; ``collapse_signal`` picks the one that decides.  When its mean over
 the last ``collapse_window`` batches falls below ``collapse_ratio``, the method is reset to the source
 parameters and the event is recorded.  It is the protocol's ``reset=on-collapse`` (docs/method.md §2),
 usable by every method and by :class:`qshift.Adapter`; the defaults were chosen on val streams
@@ -26,8 +29,10 @@ import torch
 
 from qshift.options import COLLAPSE_SIGNALS as SIGNALS
 
-#: the source ranking depth that ``containment`` checks the adapted top-1 against
+#: the source ranking depth that ``containment`` and ``confident`` check the adapted top-1 against
 TOP_K = 10
+#: the temperature of the source model's softmax over the gallery that weighs each query in ``confident``
+SOURCE_TAU = 0.01
 
 
 def distinct_top1(scores: torch.Tensor) -> int:
@@ -39,7 +44,10 @@ def signals(adapted: torch.Tensor, source: torch.Tensor, k: int = TOP_K) -> dict
     """The three label-free signals of one batch, from the adapted and the source model's scores [B, N]."""
     top1 = adapted.argmax(dim=1)
     src_top = source.topk(min(k, source.shape[1]), dim=1).indices
-    return {"containment": float((src_top == top1[:, None]).any(dim=1).float().mean()),
+    inside = (src_top == top1[:, None]).any(dim=1).float()
+    weight = (source / SOURCE_TAU).softmax(dim=1).amax(dim=1)  # how sure the source model is of each query
+    return {"confident": float((weight * inside).sum() / weight.sum().clamp_min(1e-12)),
+            "containment": float(inside.mean()),
             "agreement": float((src_top[:, 0] == top1).float().mean()),
             "diversity": distinct_top1(adapted) / max(1, distinct_top1(source))}
 

@@ -11,13 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qshift.data.task import DIRECTIONS, TASKS, check_served, directions_of
 from qshift.errors import UserError
 from qshift.models.dual_tower import resolve_device
 from qshift.models.preprocess import PREPROCESS_MODES
 from qshift.models.protocol import RetrievalModel, check_retrieval_model, one_line
 
 MODEL_SPECS = ("world", "openclip:ARCH", "hf-clip:PATH", "hf-blip:PATH", "custom:module:factory")
-DIRECTIONS = {"i2t": "image", "t2i": "text"}
+#: the tasks each kind of backbone serves (a custom factory builds whatever its direction's modalities are)
+SERVED_TASKS: dict[str, tuple[str, ...]] = {"world": ("image-text",), "openclip": ("image-text",),
+                                            "hf-clip": ("image-text",), "hf-blip": ("image-text",),
+                                            "custom": tuple(TASKS)}
+#: the directions the built-in backbones serve (what ``--direction`` offers)
+BUILTIN_DIRECTIONS: tuple[str, ...] = directions_of("image-text")
 
 
 def load_model(name: str = "world", direction: str = "i2t", weights: str | Path | None = None, *,
@@ -32,18 +38,22 @@ def load_model(name: str = "world", direction: str = "i2t", weights: str | Path 
     - ``custom:module:factory``: ``module.factory(direction=..., weights=..., **options)`` returns one (it also
       gets ``device=`` if it takes that argument); see docs/backbones.md for the contract.
 
-    ``direction`` is ``"i2t"`` (image queries, text gallery) or ``"t2i"``; ``preprocess`` is the
+    ``direction`` is ``"i2t"`` (image queries, text gallery) or ``"t2i"`` for the built-in backbones (the
+    image-text task); a custom factory may also take the other tasks' directions (``v2a``, ``a2v``, ``cir``:
+    see :mod:`qshift.data.task`); ``preprocess`` is the
     model's own transform (``model``) or TCR's (``tcr``); ``device`` must exist here (``cpu``, ``cuda``,
     ``cuda:N``); ``options`` go to the backbone loader (``quick_gelu``, ``autocast``, ``grad_checkpointing``, …).
     Raises :class:`~qshift.errors.UserError` for any bad spec, file, option or device.
     """
     if direction not in DIRECTIONS:
-        raise UserError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+        raise UserError(f"--direction must be one of {', '.join(BUILTIN_DIRECTIONS)}, got {direction!r}")
     if preprocess not in PREPROCESS_MODES:
         raise UserError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
     dev = resolve_device(device)
-    modality = DIRECTIONS[direction]
+    modality = DIRECTIONS[direction].query
     kind, _, rest = name.partition(":")
+    if kind in SERVED_TASKS:
+        _check_served(name, kind, direction)
     if kind == "world" and not rest:
         from qshift.models.world_model import WorldRetrievalModel, load_world_model
 
@@ -78,6 +88,7 @@ def load_custom(module: str, factory: str, direction: str, weights: str | Path |
     """``module.factory(direction=..., weights=..., **options)`` (plus ``device=`` when the factory takes it),
     checked to return a RetrievalModel that queries with ``direction``'s modality."""
     spec = f"custom:{module}:{factory}"
+    _check_served(spec, "custom", direction)
     importlib.invalidate_caches()  # a module written since the interpreter started (a notebook, a test) is found
     try:
         mod = importlib.import_module(module)
@@ -110,7 +121,15 @@ def load_custom(module: str, factory: str, direction: str, weights: str | Path |
         raise
     except Exception as e:  # the user's factory: whatever it raises is reported as its failure, in one line
         raise UserError(f"{spec}: the factory raised {type(e).__name__}: {one_line(e)}") from e
-    return check_retrieval_model(model, spec, DIRECTIONS[direction])
+    return check_retrieval_model(model, spec, DIRECTIONS[direction].query)
+
+
+def _check_served(name: str, kind: str, direction: str) -> None:
+    """A one-line UserError when backbone ``kind`` does not serve ``direction``'s task."""
+    try:
+        check_served(direction, SERVED_TASKS[kind], f"backbone {name}")
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def _parameters(fn: Callable) -> dict[str, inspect.Parameter] | None:

@@ -1,4 +1,5 @@
-"""Retrieval metrics: Recall@K with any-positive semantics, mAP over all positives, R-mean.
+"""Retrieval metrics: Recall@K with any-positive semantics, mAP over all positives, R-mean; opt-in
+median rank (MedR).
 
 Relevance is given by ids: gallery item ``j`` is relevant to query ``i`` iff
 ``query_ids[i] == gallery_ids[j]`` (an image and its captions share the image's id; a product or
@@ -22,6 +23,9 @@ nothing larger than a ``chunk x n_gallery`` matrix is made (a float tile of at m
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 import torch
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -30,6 +34,7 @@ _MAX_COUNT_PASSES = 128
 # elements per compare-and-count tile (the tile and its float mask stay in cache on CPU)
 _TILE_ELEMENTS = {"cpu": 1 << 20}
 _TILE_ELEMENTS_OTHER = 1 << 24
+_RECALL_NAME = re.compile(r"R@([1-9][0-9]*)")
 
 
 def _check_shapes(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> None:
@@ -142,19 +147,54 @@ def average_precision(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids
     return per_query_ranks_and_ap(scores, query_ids, gallery_ids)[1]
 
 
-def summarise(ranks: torch.Tensor, aps: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
-    """Metrics from per-query ranks and APs (same keys as ``retrieval_metrics``)."""
+def median_rank(ranks: torch.Tensor) -> float:
+    """MedR: the median over queries of the 1-based rank of each query's first positive.
+
+    ``ranks`` are this module's 0-based first-positive ranks (ties counted against the query).  With an
+    even number of queries the two middle ranks are averaged (numpy's median), as CAV-MAE's retrieval
+    evaluation (``np.median(ind) + 1``) and the video-retrieval literature report it; lower is better.
+    """
+    ranks = torch.as_tensor(ranks)
+    if ranks.numel() == 0:
+        raise ValueError("no queries to summarise")
+    r = ranks.detach().reshape(-1).to("cpu", torch.float64).sort().values + 1.0
+    n = r.numel()
+    return float(r[n // 2]) if n % 2 else float((r[n // 2 - 1] + r[n // 2]) / 2)
+
+
+def summarise(ranks: torch.Tensor, aps: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS,
+              metrics: Sequence[str] | None = None) -> dict[str, float]:
+    """Metrics from per-query ranks and APs (same keys as ``retrieval_metrics``).
+
+    ``metrics`` (opt-in, e.g. a task's ``Task.metrics``) adds the named metrics that the default keys
+    lack: ``"MedR"`` (:func:`median_rank`, in ranks, not percent) and ``"R@K"`` for a K outside ``ks``;
+    names already among the default keys are left as they are.  A name these ranks cannot give (CIRR's
+    subset recall ``R_s@K`` needs each query's group) raises ``ValueError``.
+    """
     if ranks.numel() == 0:
         raise ValueError("no queries to summarise")
     out = {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
     out["mAP"] = 100.0 * aps.double().mean().item()
     out["R-mean"] = sum(out[f"R@{k}"] for k in ks) / len(ks)
+    for name in metrics or ():
+        if name in out:
+            continue
+        recall = _RECALL_NAME.fullmatch(name)
+        if name == "MedR":
+            out[name] = median_rank(ranks)
+        elif recall:
+            out[name] = 100.0 * (ranks < int(recall.group(1))).double().mean().item()
+        else:
+            raise ValueError(f"summarise cannot compute {name!r} from ranks and APs; it computes R@K, mAP, "
+                             "R-mean and MedR")
     return out
 
 
 def retrieval_metrics(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor,
-                      ks: tuple[int, ...] = DEFAULT_KS, chunk: int = 2048) -> dict[str, float]:
-    """``{"R@1", "R@5", "R@10", "mAP", "R-mean"}`` in percent, over all queries.
+                      ks: tuple[int, ...] = DEFAULT_KS, chunk: int = 2048,
+                      metrics: Sequence[str] | None = None) -> dict[str, float]:
+    """``{"R@1", "R@5", "R@10", "mAP", "R-mean"}`` in percent, over all queries (plus the opt-in
+    ``metrics`` of :func:`summarise`, e.g. ``"MedR"``).
 
     ``chunk`` bounds memory: rows are processed in blocks of that many queries.
     """
@@ -162,4 +202,4 @@ def retrieval_metrics(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids
     _check_shapes(scores, query_ids, gallery_ids)
     if scores.shape[0] == 0:
         raise ValueError("no queries to score")
-    return summarise(*per_query_ranks_and_ap(scores, query_ids, gallery_ids, chunk), ks)
+    return summarise(*per_query_ranks_and_ap(scores, query_ids, gallery_ids, chunk), ks, metrics)
