@@ -1,16 +1,19 @@
 # `make demo` and `make test` create .venv if it is missing, install qshift into it, then run.
+# pyproject.toml declares the supported version ranges; CI installs the exact versions of constraints/ci.txt.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+CONSTRAINTS ?= constraints/ci.txt
+PIP := $(BIN)/pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 STAMP := $(VENV)/.qshift-installed
 
 .PHONY: demo test test-fast install clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, by exact version: on these machines it installs from local disk
-	$(BIN)/pip install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	# torch first, at the constraints' exact version: on these machines it installs from local disk
+	$(PIP) torch torchvision
+	$(PIP) -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
