@@ -21,41 +21,18 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from qshift.data import pipeline
+from qshift.data.karpathy import CorruptedImages  # the one-by-one, main-process path of before
 from qshift.data.retrieval_datasets import load_dataset
 from qshift.shifts.image import corrupt_image
 
 SIZES = ((480, 640), (640, 480), (427, 640))
-
-
-class OldCorruptedImages(Sequence):
-    """The one-by-one path as it was (``qshift.data.karpathy.CorruptedImages`` before the pipeline)."""
-
-    def __init__(self, paths: list[Path], corruption: str | None = None, severity: int = 0, seed: int = 0,
-                 reader: Callable[[int], np.ndarray] | None = None) -> None:
-        self.paths, self.corruption, self.severity, self.seed = list(paths), corruption, severity, seed
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if self.reader is not None:
-            img = self.reader(i)
-        else:
-            with Image.open(self.paths[i]) as im:
-                img = np.asarray(im.convert("RGB"))
-        if self.corruption is None:
-            return img
-        return corrupt_image(img, self.corruption, self.severity, item_id=int(i), seed=self.seed)
 
 
 def make_images(root: Path, n: int) -> Path:
@@ -100,7 +77,7 @@ def main() -> None:
         for name in args.sets.split(","):
             c, s = (None, 0) if name == "clean" else (name.split("/")[0], int(name.split("/")[1]))
             t = time.perf_counter()
-            before = read_all(OldCorruptedImages(ds.image_paths, c, s, seed=0))
+            before = read_all(CorruptedImages(ds.image_paths, c, s, seed=0))
             t_before = time.perf_counter() - t
             t = time.perf_counter()
             cold = read_all(pipeline.query_images(ds, c, s, 0, workers=args.workers))

@@ -662,3 +662,18 @@ def cache_ragged_writer(spec: dict[str, Any], dtype: str | np.dtype = np.uint8) 
 def ragged_committed(path: Path) -> None:
     """Apply the size bound after a ragged entry was written (never removing that entry)."""
     evict(keep=path)
+
+
+def norm_rows(rows, n: int) -> np.ndarray | None:
+    """``rows`` as int64 indices into ``n`` items (images, captions); None when absent or exactly every item in order."""
+    if rows is None:
+        return None
+    r = np.asarray(rows)
+    if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
+        raise ValueError(f"rows must be a 1-D array of integer indices, got {r.dtype} {r.shape}")
+    r = r.astype(np.int64)
+    if r.size and (r.min() < 0 or r.max() >= n):
+        raise IndexError(f"rows must lie in [0, {n}), got {int(r.min())}..{int(r.max())}")
+    if len(r) == n and np.array_equal(r, np.arange(n)):
+        return None
+    return r

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qshift.bench import cache
+from qshift.bench.cache import norm_rows
 from qshift.data import world
 from qshift.shifts import image as image_shifts
 from qshift.shifts import text as text_shifts
@@ -45,21 +46,6 @@ def subsample_rows(n: int, k: int | None, seed: int = 0) -> np.ndarray | None:
     return np.sort(np.random.default_rng(seed).permutation(n)[:k])
 
 
-def _norm_rows(rows, n: int) -> np.ndarray | None:
-    """``rows`` as int64 indices into ``n`` items; None when absent or exactly every item in order."""
-    if rows is None:
-        return None
-    r = np.asarray(rows)
-    if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
-        raise ValueError(f"rows must be a 1-D array of integer indices, got {r.dtype} {r.shape}")
-    r = r.astype(np.int64)
-    if r.size and (r.min() < 0 or r.max() >= n):
-        raise IndexError(f"rows must lie in [0, {n}), got {int(r.min())}..{int(r.max())}")
-    if len(r) == n and np.array_equal(r, np.arange(n)):
-        return None
-    return r
-
-
 def _rows_spec(rows: np.ndarray) -> dict:
     return {"rows": hashlib.sha256(rows.tobytes()).hexdigest()[:24], "n_rows": len(rows)}
 
@@ -85,7 +71,7 @@ def _cached_rows(shift_spec: dict, split: world.WorldSplit, n: int, rows, make) 
 
     A subset is served, in order, from its own entry, from the full set's entry (its rows only), or from
     the parent split's full entry; otherwise it is built and cached under a key holding its rows."""
-    rows = _norm_rows(rows, n)
+    rows = norm_rows(rows, n)
     spec = {**shift_spec, **_split_spec(split)}
     want = np.arange(n) if rows is None else rows
     if rows is not None:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from qshift.bench import cache
+from qshift.bench.cache import norm_rows
 from qshift.data.karpathy import ImageTextDataset, read_rgb
 from qshift.errors import UserError
 from qshift.shifts.image import SEVERITIES, available_corruptions, corrupt_image, library_version
@@ -99,19 +100,6 @@ def read_image(paths: Sequence[Path], reader, i: int, corruption: str | None = N
     return resize_square(img, size) if size is not None else img
 
 
-def _norm_rows(rows, n: int) -> np.ndarray | None:
-    """``rows`` as int64 indices into ``n`` images; None when absent or every image in order."""
-    if rows is None:
-        return None
-    r = np.asarray(rows)
-    if r.ndim != 1 or (r.size and not np.issubdtype(r.dtype, np.integer)):
-        raise ValueError(f"rows must be a 1-D array of integer indices, got {r.dtype} {r.shape}")
-    r = r.astype(np.int64)
-    if r.size and (r.min() < 0 or r.max() >= n):
-        raise IndexError(f"rows must lie in [0, {n}), got {int(r.min())}..{int(r.max())}")
-    return None if len(r) == n and np.array_equal(r, np.arange(n)) else r
-
-
 class LazyImages(Sequence):
     """A dataset's images (those of ``rows``, in that order) decoded, corrupted and resized on access."""
 
@@ -119,7 +107,7 @@ class LazyImages(Sequence):
                  seed: int = 0, size: int | None = None) -> None:
         _check(corruption, severity, size)
         self.paths, self.reader = list(ds.image_paths), ds.image_reader
-        rows = _norm_rows(rows, len(ds))
+        rows = norm_rows(rows, len(ds))
         self.rows = np.arange(len(ds)) if rows is None else rows
         self.corruption, self.severity, self.seed, self.size = corruption, severity, seed, size
 
@@ -200,7 +188,7 @@ def iter_images(ds: ImageTextDataset, rows=None, corruption: str | None = None, 
     ``(k, compressed bytes, shape)`` with ``compress`` — for the ``k``-th row.  Bit-identical to
     :func:`read_image` one by one, whatever ``workers``."""
     _check(corruption, severity, size)
-    rows = _norm_rows(rows, len(ds))
+    rows = norm_rows(rows, len(ds))
     rows = np.arange(len(ds)) if rows is None else rows
     n_workers = min(resolve_workers(workers), len(rows))
     items = _Items(list(ds.image_paths), ds.image_reader, rows, corruption, severity, seed, size, compress)
@@ -267,7 +255,7 @@ def query_images(ds: ImageTextDataset, corruption: str | None, severity: int = 0
     Item ``k`` is bit-identical to ``read_image(..., rows[k], ...)``."""
     _check(corruption, severity, size)
     n = len(ds)
-    rows = _norm_rows(rows, n)
+    rows = norm_rows(rows, n)
     spec = image_set_spec(ds, corruption, severity, seed, size)
     if rows is not None:
         spec_rows = {**spec, **_rows_spec(rows)}
