@@ -3,8 +3,12 @@
 The rule, written down before the runs it is applied to (docs/method.md §2, ``reset=on-collapse``).  A first
 version of this rule watched only the diversity of the top-1 items; its val runs showed Tent, SAR and ETA
 losing two thirds of their R@1 on clean val queries while that signal stayed at 0.9–1.0 (their top-1
-items stay distinct but wrong), so the guard now records four signals (``qshift.methods.guard``) and the
-rule chooses among them, on val only:
+items stay distinct but wrong); a second version added top-10 containment, top-1 agreement and a
+source-confidence-weighted containment, and its first val runs showed TCR on gaussian_noise/5 (R@1 25.9
+against the source's 10.5) leaving the source's top 10 for 92 % of its queries, as far as Tent does on clean
+queries.  So the guard now also records ``plausible`` (the adapted top-1 scored by the source within one
+standard deviation of its own top-1), five signals in all (``qshift.methods.guard``), and the rule chooses
+among them, on val only:
 
 1. **Observe** (val split, 640 queries each of ``world-clean/i2t``, ``world-c/i2t/gaussian_noise/5``,
    ``world-c/i2t/contrast/5``, ``world-c/t2i/keyboard/6``): run the source model, TCR and REST (methods
@@ -16,7 +20,7 @@ rule chooses among them, on val only:
    here, on val, and nowhere else).  For each signal the threshold is 0.8 × the lowest 4-batch mean any
    TCR or REST run reached (the healthy floor, less a 20 % margin), rounded down to 0.05 and at most
    0.9; its score is the share of collapsed windows it flags minus the share of the other windows
-   (all methods) it flags.  The signal with the best score wins (ties: in the order confident, containment, agreement, diversity).
+   (all methods) it flags.  The signal with the best score wins (ties: in the order plausible, confident, containment, agreement, diversity).
 3. **Measure** (test split, once, after the choice): Tent and SAR with ``reset=never`` and with
    ``reset=on-collapse`` on ``world-clean/i2t`` and ``world-c/i2t/gaussian_noise/5`` (online R@1 and how
    often the guard fired), and TCR and REST with ``reset=on-collapse`` on the same streams (how often it
@@ -46,7 +50,7 @@ from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.options import Protocol
 
 VAL_STREAMS = ["world-clean/i2t", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5", "world-c/t2i/keyboard/6"]
-SIGNALS = ("confident", "containment", "agreement", "diversity")
+SIGNALS = ("plausible", "confident", "containment", "agreement", "diversity")
 HEALTHY = ["tcr", "rest"]
 PRONE = ["tent", "sar", "eta"]
 WINDOW = 4

@@ -23,7 +23,7 @@ T = TypeVar("T", bound="Options")
 SCORING_MODES = ("pre", "tcr", "post")
 RESETS = ("never", "episodic", "reset_each_domain", "on-collapse")
 OPTIMIZERS = ("adamw", "sgd")
-COLLAPSE_SIGNALS = ("confident", "containment", "agreement", "diversity")  # qshift.methods.guard
+COLLAPSE_SIGNALS = ("plausible", "confident", "containment", "agreement", "diversity")  # qshift.methods.guard
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -197,8 +197,9 @@ class Protocol(Options):
     optimizer: str = option("adamw", "optimizer of the adapted parameters", choices=OPTIMIZERS)
     collapse_window: int = option(4, "batches the collapse guard averages its diversity ratio over "
                                      "(with reset=on-collapse)", minimum=1, maximum=1000)
-    collapse_signal: str = option("confident", "what the collapse guard watches (qshift.methods.guard): the share "
-                                               "of adapted top-1 items in the source model's top 10, weighted by "
+    collapse_signal: str = option("plausible", "what the collapse guard watches (qshift.methods.guard): the share "
+                                               "of adapted top-1 items the source model scores within 1 sd of its "
+                                               "own top-1 (`plausible`), or in the source's top 10, weighted by "
                                                "the source's confidence (`confident`) or not (`containment`), the "
                                                "share equal to the source's top-1 (`agreement`), or distinct top-1 "
                                                "items over the source's (`diversity`)",

@@ -13,7 +13,7 @@ from qshift.shifts.text import LEVELS, TEXT_PERTURBATIONS, perturb_text
 
 def draw_image_preview(out: str | Path, image_index: int = 0, seed: int = 0) -> Path:
     """Grid: one row per corruption (clean + severities 1–5), then one row of rendering domains."""
-    import matplotlib
+    import matplotlib  # imported here to pick the file backend before pyplot loads (no display)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from importlib import metadata
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -165,7 +166,6 @@ def perturbed_captions(split: world.WorldSplit, perturbation: str, level: int, s
         texts = text_shifts.perturb_texts([split.captions[i] for i in idx], perturbation, level, idx, seed)
         return np.asarray(texts, dtype=np.str_) if texts else np.zeros(0, dtype="<U1")
 
-    from importlib import metadata
     shift = {"kind": "perturb", "perturbation": perturbation, "level": level, "shift_seed": seed,
              "nlpaug": metadata.version("nlpaug")}
     return [str(x) for x in _cached_rows(shift, split, len(split.captions), rows, make).tolist()]

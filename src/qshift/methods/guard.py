@@ -3,8 +3,12 @@
 Entropy-minimising methods can collapse on a stream: R@1 falls towards zero within a few batches while
 the adapted model keeps answering confidently.  The guard compares, on every batch, the adapted model's
 ranking with the source model's on the same queries (one extra forward without gradients, at the source
-parameters) through one of four label-free signals:
+parameters) through one of five label-free signals:
 
+- ``plausible`` — the share of queries whose adapted top-1 the source model scores within
+  :data:`PLAUSIBLE_Z` standard deviations (of its scores for that query) of its own top-1: where the
+  source is unsure (a severe shift) many items are plausible and a good adaptation may pick any of them;
+  where it is sure (clean queries), a collapse picks what it finds implausible;
 - ``confident`` — ``containment`` with each query weighted by how sure the source model is of it (its
   top-1 softmax probability at temperature :data:`SOURCE_TAU`): under a severe shift a good adaptation
   leaves the source's unsure rankings, but keeps the ones the source was sure of;
@@ -14,7 +18,7 @@ parameters) through one of four label-free signals:
 - ``diversity`` — distinct top-1 items of the adapted model over the source model's (a collapse onto a
   few hub items drives it towards ``1 / B``).
 
-All four are recorded for every batch; ``collapse_signal`` picks the one that decides.  When its mean over
+All five are recorded for every batch; ``collapse_signal`` picks the one that decides.  When its mean over
 the last ``collapse_window`` batches falls below ``collapse_ratio``, the method is reset to the source
 parameters and the event is recorded.  It is the protocol's ``reset=on-collapse`` (docs/method.md §2),
 usable by every method and by :class:`qshift.Adapter`; the defaults were chosen on val streams
@@ -31,6 +35,9 @@ from qshift.options import COLLAPSE_SIGNALS as SIGNALS
 
 #: the source ranking depth that ``containment`` and ``confident`` check the adapted top-1 against
 TOP_K = 10
+#: how far (in standard deviations of the source's scores for the query) below the source's own top-1 the
+#: adapted top-1 may score under the source model and still count as ``plausible``
+PLAUSIBLE_Z = 1.0
 #: the temperature of the source model's softmax over the gallery that weighs each query in ``confident``
 SOURCE_TAU = 0.01
 
@@ -45,8 +52,12 @@ def signals(adapted: torch.Tensor, source: torch.Tensor, k: int = TOP_K) -> dict
     top1 = adapted.argmax(dim=1)
     src_top = source.topk(min(k, source.shape[1]), dim=1).indices
     inside = (src_top == top1[:, None]).any(dim=1).float()
+    # how the source model scores the adapted choice, in standard deviations of its scores for that query
+    z = (source - source.mean(dim=1, keepdim=True)) / source.std(dim=1, keepdim=True).clamp_min(1e-12)
+    lag = z.amax(dim=1) - z.gather(1, top1[:, None]).squeeze(1)
     weight = (source / SOURCE_TAU).softmax(dim=1).amax(dim=1)  # how sure the source model is of each query
-    return {"confident": float((weight * inside).sum() / weight.sum().clamp_min(1e-12)),
+    return {"plausible": float((lag <= PLAUSIBLE_Z).float().mean()),
+            "confident": float((weight * inside).sum() / weight.sum().clamp_min(1e-12)),
             "containment": float(inside.mean()),
             "agreement": float((src_top[:, 0] == top1).float().mean()),
             "diversity": distinct_top1(adapted) / max(1, distinct_top1(source))}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchvision import transforms as T
 import transformers
 from transformers import AutoTokenizer, BlipForImageTextRetrieval, CLIPModel
 
@@ -77,8 +78,6 @@ def _check_dir(path: str | Path, spec: str) -> tuple[Path, dict]:
 
 def _processor_transform(path: Path, size: int, mean, std):
     """The model's own image transform from its saved image processor (resize + crop + normalise)."""
-    from torchvision import transforms as T
-
     cfg_file = path / "preprocessor_config.json"
     if cfg_file.is_file():
         try:

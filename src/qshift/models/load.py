@@ -15,6 +15,7 @@ from qshift.data.task import DIRECTIONS, TASKS, check_served, directions_of
 from qshift.errors import UserError
 from qshift.models.dual_tower import resolve_device
 from qshift.models.preprocess import PREPROCESS_MODES
+from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.models.protocol import RetrievalModel, check_retrieval_model, one_line
 
 MODEL_SPECS = ("world", "openclip:ARCH", "hf-clip:PATH", "hf-blip:PATH", "custom:module:factory")
@@ -55,8 +56,6 @@ def load_model(name: str = "world", direction: str = "i2t", weights: str | Path 
     if kind in SERVED_TASKS:
         _check_served(name, kind, direction)
     if kind == "world" and not rest:
-        from qshift.models.world_model import WorldRetrievalModel, load_world_model
-
         _no_options(name, options, ())
         try:
             encoder = load_world_model(weights)
@@ -64,13 +63,13 @@ def load_model(name: str = "world", direction: str = "i2t", weights: str | Path 
             raise UserError(str(e)) from e
         return WorldRetrievalModel(encoder.to(dev), modality)
     if kind == "openclip" and rest:
-        from qshift.models.openclip_model import load_openclip
+        from qshift.models.openclip_model import load_openclip  # optional dependency (qshift[backbones])
 
         _no_options(name, options, _keyword_options(load_openclip))
         return load_openclip(rest, None if weights is None else str(weights), modality, preprocess=preprocess,
                              device=str(dev), **options)
     if kind in ("hf-clip", "hf-blip") and rest:
-        from qshift.models.hf_models import load_hf_blip, load_hf_clip
+        from qshift.models.hf_models import load_hf_blip, load_hf_clip  # optional dependency (qshift[backbones])
 
         if weights is not None:
             raise UserError(f"--model {name} reads its weights from the folder {rest}; drop --weights {weights}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision import transforms as T
 from PIL import Image
 
 from qshift.errors import UserError
@@ -45,8 +46,6 @@ def to_pil_list(items: Any) -> list[Image.Image]:
 
 def tcr_transform(size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> Callable:
     """Square bicubic resize to ``size`` (no centre crop), to tensor, normalise."""
-    from torchvision import transforms as T
-
     return T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
                       T.Normalize(mean, std)])
 
