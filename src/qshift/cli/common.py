@@ -4,6 +4,7 @@ The command modules import the library inside each command, not at their top: ``
 ``--version`` and ``cache info`` then start without loading torch (about 2 s on these machines)."""
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,7 +26,10 @@ err = Console(stderr=True, soft_wrap=True)  # one error line, never wrapped mid-
 
 
 def error(message: object) -> None:
-    """One ``error:`` line on stderr; the message is escaped, so ``rest[lambda_a=1]`` is not read as markup."""
+    """One ``error:`` line on stderr; the message is escaped, so ``rest[lambda_a=1]`` is not read as markup.
+    With ``QSHIFT_DEBUG=1`` an exception passed here is raised instead, so its traceback shows."""
+    if isinstance(message, BaseException) and os.environ.get("QSHIFT_DEBUG"):
+        raise message
     err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
 
 class Direction(str, Enum):
