@@ -22,7 +22,8 @@ among them, on val only:
    0.9; its score is the share of collapsed windows it flags minus the share of the other windows
    (all methods) it flags.  The signal with the best score wins (ties: in the order plausible, confident, containment, agreement, diversity).
 3. **Measure** (test split, once, after the choice): Tent and SAR with ``reset=never`` and with
-   ``reset=on-collapse`` on ``world-clean/i2t`` and ``world-c/i2t/gaussian_noise/5`` (online R@1 and how
+   ``reset=on-collapse`` on ``world-clean/i2t`` and ``world-c/i2t/gaussian_noise/5``, 1,024 queries each
+   (online R@1 and how
    often the guard fired), and TCR and REST with ``reset=on-collapse`` on the same streams (how often it
    fired; ideally never).
 
@@ -56,6 +57,7 @@ PRONE = ["tent", "sar", "eta"]
 WINDOW = 4
 VAL_QUERIES = 640  # 10 batches of each val stream
 TEST_STREAMS = ["world-clean/i2t", "world-c/i2t/gaussian_noise/5"]
+TEST_QUERIES = 1024  # 16 batches of each test stream
 OUT = Path("results/collapse-guard")
 
 
@@ -129,10 +131,12 @@ def measure(out: Path) -> None:
     for bench in TEST_STREAMS:
         for method in ("tent", "sar"):
             for label, protocol in (("never", {}), ("on-collapse", guard)):
-                r = _run(out, f"measure__{bench.replace('/', '_')}__{method}__{label}", bench, "test", method, protocol)
+                r = _run(out, f"measure__{bench.replace('/', '_')}__{method}__{label}", bench, "test", method, protocol,
+                         max_queries=TEST_QUERIES)
                 print(f"{bench:32s} {method:5s} {label:12s} R@1 {r['metrics']['R@1']:5.1f}  fired {r['collapse_resets']}")
         for method in ("tcr", "rest"):
-            r = _run(out, f"measure__{bench.replace('/', '_')}__{method}__on-collapse", bench, "test", method, guard)
+            r = _run(out, f"measure__{bench.replace('/', '_')}__{method}__on-collapse", bench, "test", method, guard,
+                     max_queries=TEST_QUERIES)
             print(f"{bench:32s} {method:5s} on-collapse  R@1 {r['metrics']['R@1']:5.1f}  fired {r['collapse_resets']}")
 
 
@@ -157,7 +161,7 @@ def report(out: Path) -> None:
                      f"{100 * t['detected']:.0f} % | {100 * t['false_alarms']:.0f} % |")
     lines += ["", f"Chosen: `collapse_signal` = {choice['collapse_signal']}, `collapse_window` = "
                   f"{choice['collapse_window']}, `collapse_ratio` = {choice['collapse_ratio']:g}.", "",
-              "## Measure (test split, whole streams, once, with the chosen defaults)", "",
+              "## Measure (test split, 1,024 queries per stream, once, with the chosen defaults)", "",
               "| stream | method | reset | online R@1 | guard fired |", "| --- | --- | --- | ---: | ---: |"]
     for r in runs.values():
         if r["name"].startswith("measure__"):

@@ -204,8 +204,8 @@ class Protocol(Options):
                                                "share equal to the source's top-1 (`agreement`), or distinct top-1 "
                                                "items over the source's (`diversity`)",
                                   choices=COLLAPSE_SIGNALS)
-    collapse_ratio: float = option(0.5, "the guard resets when its signal, averaged over the window, falls below "
-                                        "this", minimum=0.0, maximum=1.0)
+    collapse_ratio: float = option(0.45, "the guard resets when its signal, averaged over the window, falls below "
+                                         "this", minimum=0.0, maximum=1.0)
     momentum: float = option(0.9, "SGD momentum (with optimizer `sgd`)", minimum=0.0)
 
     def with_lr(self, lr: float) -> "Protocol":
