@@ -531,6 +531,10 @@ def test_openclip_needs_explicit_weights_and_a_matching_checkpoint(tmp_path, ope
     with pytest.raises(UserError, match=r"1 shape mismatch \(e.g. visual.proj: checkpoint \[32, 8\], architecture "
                                         r"\[32, 16\]\)"):
         load_model(spec, "i2t", str(reshaped))
+    posemb = tmp_path / "posemb.pt"  # open_clip's own assertion on the text positions, before load_state_dict
+    torch.save({**sd, "positional_embedding": torch.zeros(3, 3)}, posemb)
+    with pytest.raises(UserError, match=rf"does not fit open_clip architecture {TINY_OPENCLIP} \(AssertionError"):
+        load_model(spec, "i2t", str(posemb))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="garbage.pt: cannot be read as a PyTorch checkpoint: not a file torch.save"):

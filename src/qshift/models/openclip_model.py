@@ -199,6 +199,12 @@ def _create(arch: str, pretrained: str | None, **kwargs: Any):
             raise UserError(f"--weights {pretrained}: the file is damaged or not a checkpoint "
                             f"({' '.join(text.split())[:160]})") from e
         raise
+    except (AssertionError, ValueError, KeyError, IndexError) as e:  # open_clip's own checks of a checkpoint
+        if pretrained is None:
+            raise
+        raise UserError(f"--weights {pretrained} does not fit open_clip architecture {arch} "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:160] or 'a tensor of another shape'}); "
+                        "pass the architecture it was trained with (or its model-config JSON)") from e
     return model, own
 
 
