@@ -72,7 +72,8 @@ def _run(out: Path, name: str, bench: str, split: str, method: str, protocol: di
     res = run_online(model, task, RunConfig(method, Protocol.build(protocol)), progress=True)
     record = {"name": name, "benchmark": bench, "split": split, "method": method, "config": res.config,
               "metrics": res.metrics, "collapse_resets": res.collapse_resets,
-              "signals": {k: [b["guard"][k] for b in res.batches] for k in SIGNALS} if method != "source" else None,
+              "signals": ({k: [b["guard"][k] for b in res.batches] for k in SIGNALS}
+                          if res.batches and all("guard" in b for b in res.batches) else None),
               "batch_r1": [b["R@1"] for b in res.batches], "seconds": res.seconds,
               "environment": res.environment, "model": world_identity()}
     write_text_atomic(path, json.dumps(record, indent=1))

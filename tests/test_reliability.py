@@ -343,6 +343,7 @@ def test_the_guard_signals():
         CollapseGuard(window=2, ratio=0.5, signal="vibes")
 
 
+@pytest.mark.slow
 def test_the_guard_fires_on_a_collapsing_tent_and_resets_to_source(shipped_model, world_split):
     model = WorldRetrievalModel(shipped_model, "image")  # trained: its source top-1 is diverse
     gallery = model.encode_gallery(world_split.captions)

@@ -46,6 +46,7 @@ def _tables_text(tables) -> list[str]:
     return [table_markdown(t) + "\n" + table_csv(t) for t in tables]
 
 
+@pytest.mark.slow
 def test_a_folder_of_run_files_gives_the_grids_tables(small_world, tmp_path):
     weights = small_world
     runs = tmp_path / "runs"
