@@ -37,18 +37,13 @@ import time
 import numpy as np
 import torch
 
-from qshift.retrieval.metrics import per_query_ranks_and_ap, summarise
+from qshift.retrieval.metrics import _check_shapes, per_query_ranks_and_ap, summarise
 
 
 # ---- (b) the old qshift implementation, copied verbatim (names prefixed ``old_``) ----------------
 
 def old_check(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> None:
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be [n_queries, n_gallery], got shape {tuple(scores.shape)}")
-    if query_ids.shape != (scores.shape[0],):
-        raise ValueError(f"query_ids must have shape ({scores.shape[0]},), got {tuple(query_ids.shape)}")
-    if gallery_ids.shape != (scores.shape[1],):
-        raise ValueError(f"gallery_ids must have shape ({scores.shape[1]},), got {tuple(gallery_ids.shape)}")
+    _check_shapes(scores, query_ids, gallery_ids)  # the shape checks did not change (shared, not copied)
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
 
