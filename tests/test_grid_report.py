@@ -69,6 +69,7 @@ def test_grid_spec_validation(tmp_path):
     assert diverse == {"source", "tcr", "rest"} and len(cells) == 22 * len(spec.methods) + 9
 
 
+@pytest.mark.slow  # a whole small grid, twice
 def test_grid_runs_resumes_and_records_failures(small_world, tmp_path):
     _, weights = small_world
     spec = G.GridSpec(methods=["source", "tent", {"name": "rest", "label": "rest-bad", "options": {"precondition": "adam", "optimizer": "sgd"}},

@@ -8,6 +8,7 @@ from qshift.models.protocol import RetrievalModel
 from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel, shipped_weights_path
 
 
+@pytest.mark.slow  # evaluates the shipped model on the clean test split
 def test_shipped_weights_are_small_and_carry_a_card(shipped_model):
     path = shipped_weights_path()
     assert path.stat().st_size <= 10 * 2**20
