@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)  # the suite without the `slow` tests: about a minute
+test-fast: $(STAMP)  # the suite without the `slow` tests: about 1.5 minutes on 2 cores
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-venv:
