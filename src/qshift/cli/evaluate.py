@@ -42,11 +42,12 @@ def eval_cmd(
         if not benchmark:
             err.print("[red]error:[/red] a real backbone or dataset needs --benchmark (e.g. coco/i2t, coco-c/i2t/fog/5)")
             raise typer.Exit(2)
-        rows = []
+        rows, backbone = [], None
         for name in benchmark:
             try:
-                task, rmodel, _ = _task_and_model(name, model, weights, dataset, data_root, annotation, device,
-                                                  preprocess, shift_seed, not as_json)
+                task, rmodel, backbone = _task_and_model(name, model, weights, dataset, data_root, annotation,
+                                                         device, preprocess, shift_seed, not as_json,
+                                                         backbone=backbone)
                 row, _ = evaluate_task(rmodel, task, batch_size=batch_size, progress=not as_json)
             except USER_ERRORS as e:
                 _error(e)
@@ -103,8 +104,9 @@ def _print_rows(rows, title: str, t0: float) -> None:
 
 def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],
                     data_root: Optional[Path], annotation: Optional[Path], device: str, preprocess: str,
-                    shift_seed: int, progress: bool, max_queries: Optional[int] = None):
-    """Resolve (task, RetrievalModel, GridBackbone) for the embedded world or a real dataset + backbone.
+                    shift_seed: int, progress: bool, max_queries: Optional[int] = None, backbone=None):
+    """Resolve (task, RetrievalModel, GridBackbone) for the embedded world or a real dataset + backbone
+    (``backbone``: one already loaded, reused across benchmarks).
 
     The cheap checks come first (the dataset's files, the benchmark's name, the model and its weights),
     the benchmark's queries are built last: a mistake costs seconds, not a built benchmark."""
@@ -113,10 +115,11 @@ def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], da
 
     if dataset is not None and data_root is None:
         raise ValueError("--dataset needs --data-root (the folder holding the images and the annotation file)")
-    backbone = GridBackbone(model_spec, None if weights is None else str(weights), dataset=dataset,
-                            data_root=None if data_root is None else str(data_root),
-                            annotation=None if annotation is None else str(annotation), preprocess=preprocess,
-                            device=device)
+    if backbone is None:
+        backbone = GridBackbone(model_spec, None if weights is None else str(weights), dataset=dataset,
+                                data_root=None if data_root is None else str(data_root),
+                                annotation=None if annotation is None else str(annotation), preprocess=preprocess,
+                                device=device)
     fam, params = resolve(benchmark, backbone.dataset)
     model = backbone.model(fam.direction_of(params))
     task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress, dataset=backbone.dataset,
