@@ -48,6 +48,9 @@ class Adapter:
     ``gallery_ids`` maps gallery rows to the ids returned by :meth:`retrieve` (default: row numbers).
     ``method`` and ``config`` are as for :func:`qshift.methods.create` (``steps``, ``lr``, ``scoring``,
     ``reset`` — ``"on-collapse"`` turns on the collapse guard — and the method's own options).
+    For a large gallery, ``candidates=K`` scores each query against its top-K gallery items from an
+    index (``index="IVF4096,Flat"`` builds a FAISS one; ``gallery_index`` passes one built or loaded
+    with :mod:`qshift.retrieval.index`); see docs/large-galleries.md.
 
     An Adapter changes its model's adaptable parameters in place and snapshots them, as given, as the
     source state that :meth:`reset` restores.  A model already held by another live Adapter is refused
@@ -58,7 +61,7 @@ class Adapter:
 
     def __init__(self, model: RetrievalModel, gallery: Any, method: str = "rest", *,
                  gallery_ids: Any = None, gallery_is_embedded: bool = False, batch_size: int = 256,
-                 copy_model: bool = False, **config: Any) -> None:
+                 copy_model: bool = False, gallery_index: Any = None, **config: Any) -> None:
         if len(gallery) == 0:
             raise UserError("the gallery is empty: pass the gallery items (captions, images, …) to retrieve from")
         if gallery_is_embedded:
@@ -91,13 +94,15 @@ class Adapter:
         if len(self.gallery_ids) != len(emb):
             raise UserError(f"{len(self.gallery_ids)} gallery ids for {len(emb)} gallery items")
         self.method_name, self.config = method, dict(config)
-        self.method: Method = create(method, model, self.gallery, gallery_ids=self.gallery_ids, **config)
+        self.method: Method = create(method, model, self.gallery, gallery_ids=self.gallery_ids,
+                                     gallery_index=gallery_index, **config)
         self.last_record: dict = {}
         _OWNERS[id(model)] = self
 
     def adapt(self, queries: Any) -> torch.Tensor:
         """Adapt on one batch of queries; return its online query–gallery scores [B, N] (finite, or a
-        :class:`~qshift.errors.NonFiniteError` with the adapter as before the batch)."""
+        :class:`~qshift.errors.NonFiniteError` with the adapter as before the batch).  With
+        ``candidates=K`` the scores are [B, K] over the gallery rows ``self.method.last_cols``."""
         if len(queries) == 0:
             raise UserError("empty query batch")
         scores, self.last_record = self.method.adapt_batch(queries)
@@ -107,8 +112,8 @@ class Adapter:
         """Adapt on the batch, then return the top-``k`` gallery ids [B, k] and their scores."""
         _check_k(k)
         scores = self.adapt(queries)
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        return self.gallery_ids[top.indices], top.values
+        rows, values = self.method.top(scores, k)
+        return self.gallery_ids[rows], values
 
     def search(self, queries: Any, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank the gallery with the current parameters, without adapting."""
@@ -116,8 +121,8 @@ class Adapter:
         if len(queries) == 0:
             raise UserError("empty query batch")
         scores = self.method.scores(queries)
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        return self.gallery_ids[top.indices], top.values
+        rows, values = self.method.top(scores, k)
+        return self.gallery_ids[rows], values
 
     def reset(self) -> None:
         """Back to the source parameters and a fresh method state."""

@@ -28,7 +28,8 @@ from qshift.methods.base import method_class, method_options, resolved_options
 from qshift.models.protocol import RetrievalModel, default_lr
 from qshift.options import Protocol, parse_text
 from qshift.retrieval.encode import encode_batched
-from qshift.retrieval.metrics import per_query_ranks_and_ap, summarise
+from qshift.retrieval.index import GalleryIndex
+from qshift.retrieval.metrics import candidate_ranks_and_ap, per_query_ranks_and_ap, summarise
 
 @dataclass
 class RunConfig:
@@ -108,6 +109,7 @@ class RunResult:
     model: dict | None = None  # the backbone's identity (spec, weights hash, dataset and annotation hash)
     shift_seed: int | None = None  # the seed of the benchmark's corruptions / perturbations
     max_queries: int | None = None  # the query subsample a run kept (None: every query)
+    search: dict | None = None  # the gallery index of a top-K run (candidates > 0); None: whole-gallery scores
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -188,20 +190,38 @@ def _count(model: RetrievalModel) -> tuple[int, int]:
     return adapted, total
 
 
+def batch_ranks(method, scores: torch.Tensor, labels: torch.Tensor,
+                gallery_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query ranks and APs of scores the method just returned (whole-gallery rows, or top-K
+    candidates: :func:`qshift.retrieval.metrics.candidate_ranks_and_ap`)."""
+    if method.last_cols is None:
+        return per_query_ranks_and_ap(scores.cpu(), labels, gallery_ids)
+    r, a = candidate_ranks_and_ap(scores, method.last_cols, labels.to(scores.device), gallery_ids)
+    return r.cpu(), a.cpu()
+
+
 @torch.no_grad()
 def _probe(method, queries, gallery_ids, batch_size: int = 256) -> dict[str, float]:
     """Metrics of the method's current parameters on ``queries`` without adapting."""
-    scores = encode_batched(method.scores, queries.items, batch_size).cpu()
-    ranks, aps = per_query_ranks_and_ap(scores, torch.as_tensor(queries.ids), gallery_ids)
-    return summarise(ranks, aps)
+    ids = torch.as_tensor(queries.ids)
+    ranks, aps = [], []
+    for s in range(0, len(queries.items), batch_size):
+        scores = method.scores(queries.items[s:s + batch_size])
+        r, a = batch_ranks(method, scores, ids[s:s + batch_size], gallery_ids)
+        ranks.append(r)
+        aps.append(a)
+    return summarise(torch.cat(ranks), torch.cat(aps))
 
 
 def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = True,
-               gallery_embeddings: torch.Tensor | None = None) -> RunResult:
+               gallery_embeddings: torch.Tensor | None = None, gallery_index: GalleryIndex | None = None,
+               comm=None) -> RunResult:
     """Run ``cfg.method`` over ``task``'s stream (a registry task) and return the result.
 
     ``gallery_embeddings`` may pass the task's gallery already encoded by ``model`` (a grid reuses
-    them across methods: the gallery tower is frozen, so they are the same for every cell).
+    them across methods: the gallery tower is frozen, so they are the same for every cell), and
+    ``gallery_index`` an index over them for a top-K run (``candidates`` > 0; built from the protocol's
+    ``index`` otherwise).  ``comm`` splits each batch over processes (:mod:`qshift.parallel`).
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -217,7 +237,7 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     else:
         gallery = encode_batched(model.encode_gallery, task.gallery, 256, desc="gallery", progress=False)
     method = create(cfg.method, model, gallery, protocol=cfg.protocol, gallery_ids=gallery_ids.to(gallery.device),
-                    **cfg.method_options)
+                    gallery_index=gallery_index, comm=comm, **cfg.method_options)
     stream = task.stream(batch_size=cfg.protocol.batch_size, seed=cfg.seed)
     sequential = stream.kind == "sequential"
     clean = getattr(task, "clean_queries", None)
@@ -239,7 +259,7 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         prev_domain = dom
         labels = torch.as_tensor(batch.ids)
         scores, rec = method.adapt_batch(batch.items, labels=labels.to(gallery.device) if method.uses_labels else None)
-        r, a = per_query_ranks_and_ap(scores.cpu(), labels, gallery_ids)
+        r, a = batch_ranks(method, scores, labels, gallery_ids)
         ranks.append(r)
         aps.append(a)
         domains.extend(batch.domains)
@@ -277,7 +297,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         seconds=time.perf_counter() - t0,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, environment=environment(device),
         peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        collapse_resets=resets)
+        collapse_resets=resets, search=None if method.index is None else
+        {**method.index.describe(), "candidates": method.candidates})
 
 
 def _delta(now: dict[str, float], ref: dict[str, float]) -> dict[str, float]:

@@ -207,6 +207,12 @@ class Protocol(Options):
     collapse_ratio: float = option(0.45, "the guard resets when its signal, averaged over the window, falls below "
                                          "this", minimum=0.0, maximum=1.0)
     momentum: float = option(0.9, "SGD momentum (with optimizer `sgd`)", minimum=0.0)
+    candidates: int = option(0, "score each query against its K nearest gallery items from the gallery index "
+                                "(top-K candidates, docs/large-galleries.md); 0: against the whole gallery",
+                             minimum=0)
+    index: str = option("exact", "the search behind `candidates`: `exact` (torch, blockwise) or a FAISS factory "
+                                 "string over inner product (`Flat`, `IVF1024,Flat`, `HNSW32,Flat`)")
+    index_params: str = option("", "FAISS search parameters of `index`, e.g. `nprobe=32` or `efSearch=128`")
 
     def with_lr(self, lr: float) -> "Protocol":
         """The protocol with its learning rate resolved (``lr`` when the protocol leaves it unset)."""

@@ -21,6 +21,8 @@ from qshift.errors import NonFiniteError, UserError
 from qshift.methods.guard import CollapseGuard
 from qshift.models.protocol import RetrievalModel, default_lr
 from qshift.options import SCORING_MODES, Options, Protocol, split_protocol
+from qshift.parallel import LOCAL, Communicator
+from qshift.retrieval.index import GalleryIndex, build_index
 
 __all__ = ["Method", "StepOutput", "SCORING_MODES", "available_methods", "create", "method_class", "method_options",
            "register", "resolved_options"]
@@ -58,13 +60,13 @@ def create(name: str, model: RetrievalModel, gallery: torch.Tensor, *, protocol:
     """Build method ``name`` for ``model`` against the frozen, normalised ``gallery`` [N, d].
 
     ``config`` holds protocol knobs (``steps``, ``lr``, …, overriding ``protocol``) and the method's own
-    options, in one flat mapping (a library convenience; ``gallery_ids`` is passed through)."""
+    options, in one flat mapping (a library convenience; ``gallery_ids``, ``gallery_index`` and
+    ``comm`` are passed through)."""
     cls = method_class(name)
-    gallery_ids = config.pop("gallery_ids", None)
+    passed = {k: config.pop(k) for k in ("gallery_ids", "gallery_index", "comm") if k in config}
     knobs, options = split_protocol(config)
     base = protocol or Protocol()
-    return cls(model, gallery, protocol=base.replace(**knobs) if knobs else base, gallery_ids=gallery_ids,
-               **options)
+    return cls(model, gallery, protocol=base.replace(**knobs) if knobs else base, **passed, **options)
 
 
 def method_options(name: str, options: dict[str, Any] | None = None) -> Options:
@@ -96,9 +98,12 @@ class Method:
     Options: ClassVar[type[Options]] = Options
     adapts: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False
+    #: whether the method can score against each query's top-K candidates (``candidates`` > 0)
+    supports_candidates: ClassVar[bool] = True
 
     def __init__(self, model: RetrievalModel, gallery: torch.Tensor, *, protocol: Protocol | None = None,
-                 gallery_ids: torch.Tensor | None = None, **options: Any) -> None:
+                 gallery_ids: torch.Tensor | None = None, gallery_index: GalleryIndex | None = None,
+                 comm: Communicator | None = None, **options: Any) -> None:
         protocol = protocol or Protocol()
         if gallery.ndim != 2:
             raise ValueError(f"gallery must be [N, d] embeddings, got shape {tuple(gallery.shape)}")
@@ -107,6 +112,14 @@ class Method:
         self.gallery = gallery.detach()
         self.gallery_ids = None if gallery_ids is None else torch.as_tensor(gallery_ids)
         self.protocol = protocol.with_lr(default_lr(model))  # unset: the backbone's protocol rate
+        self.comm = comm or LOCAL
+        self.candidates = self.protocol.candidates
+        self.index = self._make_index(gallery_index)
+        #: the gallery rows the columns of this step's ``sims`` stand for [B, K] (None: the whole gallery)
+        self.cols: torch.Tensor | None = None
+        #: the same for the scores ``adapt_batch`` / ``scores`` last returned
+        self.last_cols: torch.Tensor | None = None
+        self._moments: tuple[torch.Tensor, torch.Tensor] | None = None
         self.steps, self.lr, self.weight_decay = self.protocol.steps, self.protocol.lr, self.protocol.weight_decay
         self.scoring, self.optimizer_name, self.momentum = (self.protocol.scoring, self.protocol.optimizer,
                                                             self.protocol.momentum)
@@ -122,6 +135,22 @@ class Method:
                       if self.protocol.reset == "on-collapse" and self.adapts else None)
         self.setup()
 
+    def _make_index(self, index: GalleryIndex | None) -> GalleryIndex | None:
+        if not self.candidates:
+            return None
+        if not self.supports_candidates:
+            raise UserError(f"method {self.name!r} needs the whole gallery and cannot run with candidates="
+                            f"{self.candidates}; use candidates=0")
+        n = self.gallery.shape[0]
+        if self.candidates > n:
+            raise UserError(f"candidates={self.candidates} is more than the gallery's {n} items")
+        if index is None:
+            index = build_index(self.gallery, self.protocol.index, self.protocol.index_params)
+        if index.ntotal != n or index.dim != self.gallery.shape[1]:
+            raise UserError(f"the gallery index holds {index.ntotal} x {index.dim}, the gallery "
+                            f"{tuple(self.gallery.shape)}")
+        return index
+
     # ---------------------------------------------------------------- hooks for subclasses
     def setup(self) -> None:
         """Method-specific state from ``self.opts`` (called once, and again by ``reset``)."""
@@ -131,8 +160,12 @@ class Method:
 
     def gradients(self, out: StepOutput) -> tuple[list[torch.Tensor], dict[str, float]]:
         """Gradients of the step's loss w.r.t. the adapted parameters (REST overrides this)."""
-        grads = torch.autograd.grad(out.loss, self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)], {}
+        return self.param_grads(out.loss), {}
+
+    def param_grads(self, loss: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
+        """∂loss/∂θ over the whole batch: this process's share back-propagated, summed over processes."""
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True, retain_graph=retain_graph)
+        return self.comm.all_reduce([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)])
 
     def on_batch_start(self, items: Any) -> None:
         """Called once per batch before the first inner step."""
@@ -149,27 +182,91 @@ class Method:
         """Query–gallery similarities of ``items`` under the current parameters (no adaptation); a
         non-finite score raises :class:`~qshift.errors.NonFiniteError` (never NaN rows ranked as ties)."""
         with torch.no_grad():
-            scores = self._sims(self.model.encode_query(items))
+            z = self.encode(items)
+            _check_finite(z, f"{self.name}: non-finite scores: the query embeddings hold NaN or inf (in the "
+                             "input?); nothing was adapted")
+            scores, self.last_cols = self._sims(z)
         _check_finite(scores, f"{self.name}: non-finite scores (NaN or inf in the input?); nothing was adapted")
         return scores
 
     @torch.no_grad()
-    def source_scores(self, items: Any) -> torch.Tensor:
-        """Similarities of ``items`` under the source parameters (the current ones are put back after)."""
+    def source_embeddings(self, items: Any) -> torch.Tensor:
+        """Query embeddings of ``items`` under the source parameters (the current ones are put back after)."""
         current = [p.detach().clone() for p in self.params]
         try:
             for p, s in zip(self.params, self.source_state):
                 p.copy_(s)
-            return self._sims(self.model.encode_query(items))
+            return self.encode(items)
         finally:
             for p, c in zip(self.params, current):
                 p.copy_(c)
 
-    def _sims(self, z: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def source_scores(self, items: Any) -> torch.Tensor:
+        """Similarities of ``items`` under the source parameters [B, N] (whole-gallery mode)."""
+        return self._sims(self.source_embeddings(items))[0]
+
+    def encode(self, items: Any) -> torch.Tensor:
+        """The batch's query embeddings under the current parameters: this process encodes its share, the
+        communicator gathers the rest (:mod:`qshift.parallel`)."""
+        return self.comm.gather(self.model.encode_query(self.comm.shard(items)))
+
+    def search(self, z: torch.Tensor) -> torch.Tensor | None:
+        """The gallery rows [B, K] each query is scored against (None: the whole gallery)."""
+        if self.index is None:
+            return None
+        return self.index.search(z.detach(), self.candidates)[1]
+
+    def score_rows(self, z: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """``z`` against gallery ``rows`` [B, K] (or the whole gallery when ``rows`` is None)."""
+        if rows is None:
+            return z @ self.gallery.T
+        return torch.einsum("bd,bkd->bk", z, self.gallery[rows])
+
+    def _sims(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(similarities, the gallery rows of their columns): against ``rows``, else the index's top-K
+        candidates of ``z``, else the whole gallery."""
         if z.ndim != 2 or z.shape[1] != self.gallery.shape[1]:
             raise UserError(f"{self.name}: the model embeds queries in {tuple(z.shape)[1:]} dimensions, the gallery "
                             f"holds {self.gallery.shape[1]}-dimensional embeddings (a gallery from another model?)")
-        return z @ self.gallery.T
+        if rows is None:
+            rows = self.search(z)
+        return self.score_rows(z, rows), rows
+
+    def column_rows(self, cols: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+        """Gallery rows of column ``index`` [B] of score rows whose columns stand for ``cols``."""
+        return index if cols is None else cols.gather(1, index[:, None]).squeeze(1)
+
+    @property
+    def n_columns(self) -> int:
+        """How many gallery items each query's prediction is over: K in top-K mode, else N."""
+        return self.candidates or int(self.gallery.shape[0])
+
+    def mean_prediction(self, p: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch's mean prediction over the whole gallery [N] from predictions ``p`` [B, C] over the
+        columns ``cols`` (default this step's; O(B·K + N) in top-K mode, differentiable)."""
+        cols = self.cols if cols is None else cols
+        if cols is None:
+            return p.mean(0)
+        dense = torch.zeros(self.gallery.shape[0], dtype=p.dtype, device=p.device)
+        return dense.index_add(0, cols.reshape(-1), p.reshape(-1)) / p.shape[0]
+
+    def top(self, scores: torch.Tensor, k: int, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best (gallery rows [B, k], scores [B, k]) of score rows returned by this method
+        (``cols``: their columns' rows; default the last returned)."""
+        cols = self.last_cols if cols is None else cols
+        top = scores.topk(min(k, scores.shape[1]), dim=1)
+        return (top.indices if cols is None else cols.gather(1, top.indices)), top.values
+
+    def gallery_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gallery's mean [d] and covariance [d, d]: the mean and variance of a query's scores over
+        the whole gallery are z·μ and zᵀΣz, without an O(N) row per query."""
+        if self._moments is None:
+            g = self.gallery.double()
+            mu = g.mean(0)
+            centred = g - mu
+            self._moments = (mu, centred.T @ centred / max(1, g.shape[0] - 1))
+        return self._moments
 
     def adapt_batch(self, items: Any, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Run the inner steps on one batch; return its online scores [B, N] and a record."""
@@ -193,14 +290,34 @@ class Method:
                 self._restore(snapshot)
                 raise
         self.batches_seen += 1
+        cols = self.last_cols
         if self.guard is not None:
             self._watch(items, scores, record)
+        self.last_cols = cols
         record["seconds"] = time.perf_counter() - t0
         return scores, record
 
+    @torch.no_grad()
     def _watch(self, items: Any, scores: torch.Tensor, record: dict) -> None:
         """The collapse guard's step: compare with the source model on this batch; reset if it fires."""
-        signal = self.guard.observe(scores, self.source_scores(items))
+        if self.index is None:
+            signal = self.guard.observe(scores, self.source_scores(items))
+        else:
+            # top-K mode: both models scored on the union of the adapted and the source candidates, the
+            # source's score statistics over the whole gallery from the gallery's moments
+            z_src = self.source_embeddings(items)
+            src_rows = self.search(z_src)
+            rows = torch.cat([self.last_cols, src_rows], 1)
+            dup = torch.zeros_like(rows, dtype=torch.bool)
+            dup[:, self.last_cols.shape[1]:] = (src_rows[:, :, None] == self.last_cols[:, None, :]).any(2)
+            # the adapted top-1 is among its own candidates: the source's extra columns need no adapted score
+            adapted = torch.cat([scores, torch.full_like(src_rows, float("-inf"), dtype=scores.dtype)], 1)
+            source = self.score_rows(z_src, rows).masked_fill(dup, float("-inf"))
+            mu, cov = self.gallery_moments()
+            zs = z_src.double()
+            mean, std = zs @ mu, torch.einsum("bd,de,be->b", zs, cov, zs).clamp_min(0).sqrt()
+            signal = self.guard.observe(adapted, source, rows=rows, source_mean=mean.to(scores.dtype),
+                                        source_std=std.to(scores.dtype))
         record["guard"] = signal
         if signal["collapsed"]:
             fired, seen = self.guard.fired, self.batches_seen
@@ -226,14 +343,14 @@ class Method:
         scores = None
         self.on_batch_start(items)
         for step in range(self.steps):
-            z = self.model.encode_query(items)
+            z = self.encode(items)
             if step == 0 and not bool(torch.isfinite(z).all()):
                 raise NonFiniteError(f"{self.name}: non-finite query embeddings at batch {self.batches_seen} "
                                          "(NaN or inf in the input?); the batch was not used and the method's "
                                          "state is unchanged")
-            sims = self._sims(z)
+            sims, self.cols = self._sims(z)
             if (self.scoring == "pre" and step == 0) or (self.scoring == "tcr" and step == self.steps - 1):
-                scores = sims.detach()
+                scores, self.last_cols = sims.detach(), self.cols
             out = self.loss(z, sims, step, labels)
             if out.loss is not None and not torch.isfinite(out.loss):
                 raise NonFiniteError(f"{self.name}: non-finite loss at batch {self.batches_seen}, step {step}; "

@@ -89,7 +89,7 @@ class READ(Method):
         p = (sims / self.temperature).softmax(1)
         p_max = p.max(1).values.clamp_min(1e-12)
         confidence = (p_max * (1.0 - torch.log(p_max / self.gamma))).mean()
-        mean_p = p.mean(0)
+        mean_p = self.mean_prediction(p)
         balance = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
         return StepOutput(confidence - self.balance_weight * balance,
                           {"confidence_loss": float(confidence.detach()), "balance": float(balance.detach()),
@@ -115,7 +115,7 @@ class DeYO(Method):
     def setup(self) -> None:
         o = self.opts
         self.temperature, self.plpd_threshold, self.grid = o.temperature, o.plpd_threshold, o.grid
-        self.e0 = entropy_margin(o.e_margin, self.gallery.shape[0])
+        self.e0 = entropy_margin(o.e_margin, self.n_columns)
         self.gen = torch.Generator().manual_seed(o.seed)
         self._shuffled_z: torch.Tensor | None = None
 
@@ -128,14 +128,14 @@ class DeYO(Method):
 
     def on_batch_start(self, items) -> None:
         with torch.no_grad():
-            self._shuffled_z = self.model.encode_query(shuffle_queries(items, self.grid, self.gen)).detach()
+            self._shuffled_z = self.encode(shuffle_queries(items, self.grid, self.gen)).detach()
 
     def loss(self, z, sims, step, labels):
         logits = sims / self.temperature
         h = softmax_entropy(logits)
         p = logits.softmax(1).detach()
         pred = p.argmax(1)
-        p_shuf = (self._shuffled_z @ self.gallery.T / self.temperature).softmax(1)
+        p_shuf = (self.score_rows(self._shuffled_z, self.cols) / self.temperature).softmax(1)
         plpd = p.gather(1, pred[:, None]).squeeze(1) - p_shuf.gather(1, pred[:, None]).squeeze(1)
         keep = (h.detach() < self.e0) & (plpd > self.plpd_threshold)
         logs = {"kept": int(keep.sum()), "entropy": float(h.mean().detach()), "plpd": float(plpd.mean())}

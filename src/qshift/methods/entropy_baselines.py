@@ -52,7 +52,7 @@ class ETA(Method):
     def setup(self) -> None:
         o = self.opts
         self.temperature, self.d_margin = o.temperature, o.d_margin
-        self.e0 = entropy_margin(o.e_margin, self.gallery.shape[0])
+        self.e0 = entropy_margin(o.e_margin, self.n_columns)
         self.mean_probs: torch.Tensor | None = None
         self.fisher: list[torch.Tensor] | None = None
         self.fisher_alpha = o.fisher_alpha
@@ -68,10 +68,9 @@ class ETA(Method):
 
     def _fisher(self, items) -> list[torch.Tensor]:
         """Diagonal Fisher of the entropy loss on clean queries (EATA's anti-forgetting weights)."""
-        z = self.model.encode_query(items)
-        h = softmax_entropy(z @ self.gallery.T / self.temperature).mean()
-        grads = torch.autograd.grad(h, self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g.detach() ** 2 for p, g in zip(self.params, grads)]
+        z = self.encode(items)
+        h = softmax_entropy(self._sims(z)[0] / self.temperature).mean()
+        return [g.detach() ** 2 for g in self.param_grads(h)]
 
     def loss(self, z, sims, step, labels):
         logits = sims / self.temperature
@@ -79,7 +78,11 @@ class ETA(Method):
         keep = h.detach() < self.e0
         probs = logits.softmax(1).detach()
         if self.mean_probs is not None and bool(keep.any()):
-            cos = F.cosine_similarity(self.mean_probs[None, :], probs, dim=1)
+            if self.cols is None:
+                cos = F.cosine_similarity(self.mean_probs[None, :], probs, dim=1)
+            else:  # the running mean is over the gallery, each prediction over its own candidates
+                dot = (self.mean_probs[self.cols] * probs).sum(1)
+                cos = dot / (self.mean_probs.norm() * probs.norm(dim=1)).clamp_min(1e-8)
             keep = keep & (cos.abs() < 1 - self.d_margin)
         logs = {"kept": int(keep.sum()), "entropy": float(h.mean().detach())}
         reg = None
@@ -89,7 +92,7 @@ class ETA(Method):
         if not bool(keep.any()):
             return StepOutput(reg if reg is not None else None, logs)
         if step == 0:
-            new = probs[keep].mean(0)
+            new = self.mean_prediction(probs[keep], None if self.cols is None else self.cols[keep])
             self.mean_probs = new if self.mean_probs is None else 0.9 * self.mean_probs + 0.1 * new
         w = torch.exp(self.e0 - h.detach())
         loss = (h * w)[keep].mean()
@@ -122,7 +125,7 @@ class ShotIM(Method):
     def loss(self, z, sims, step, labels):
         p = (sims / self.temperature).softmax(1)
         ent = softmax_entropy(sims / self.temperature).mean()
-        mean_p = p.mean(0)
+        mean_p = self.mean_prediction(p)
         div = -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
         return StepOutput(ent - self.diversity_weight * div, {"entropy": float(ent.detach()), "diversity": float(div.detach())})
 
@@ -160,7 +163,7 @@ class SAR(Method):
             self.loss_ema, self.resets = state["loss_ema"], state["resets"]
 
     def _selected_loss(self, z, keep=None):
-        h = softmax_entropy(z @ self.gallery.T / self.temperature)
+        h = softmax_entropy(self.score_rows(z, self.cols) / self.temperature)
         if keep is None:
             k = max(1, int(math.ceil(self.keep_fraction * len(h))))
             keep = torch.argsort(h.detach())[:k]
@@ -173,25 +176,23 @@ class SAR(Method):
 
     def gradients(self, out):
         # SAM: ascend to θ + ρ·g/‖g‖, take the gradient there, come back
-        g1 = torch.autograd.grad(out.loss, self.params, allow_unused=True)
-        g1 = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, g1)]
+        g1 = self.param_grads(out.loss)
         norm = torch.sqrt(sum((g ** 2).sum() for g in g1)) + 1e-12
         eps = [self.rho * g / norm for g in g1]
         with torch.no_grad():
             for p, e in zip(self.params, eps):
                 p.add_(e)
         try:
-            z2 = self.model.encode_query(self._items)
+            z2 = self.encode(self._items)
             loss2, _ = self._selected_loss(z2, self._keep)
-            g2 = torch.autograd.grad(loss2, self.params, allow_unused=True)
+            g2 = self.param_grads(loss2)
         finally:
             with torch.no_grad():
                 for p, e in zip(self.params, eps):
                     p.sub_(e)
         value = float(loss2.detach())
         self.loss_ema = value if self.loss_ema is None else self.ema_rate * self.loss_ema + (1 - self.ema_rate) * value
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, g2)], {"sam_loss": value,
-                                                                                               "loss_ema": self.loss_ema}
+        return g2, {"sam_loss": value, "loss_ema": self.loss_ema}
 
     def adapt_batch(self, items, labels=None):
         scores, record = super().adapt_batch(items, labels)

@@ -42,25 +42,37 @@ PLAUSIBLE_Z = 1.0
 SOURCE_TAU = 0.01
 
 
-def distinct_top1(scores: torch.Tensor) -> int:
-    """How many distinct gallery rows are ranked first over a batch of score rows [B, N]."""
-    return int(torch.unique(scores.argmax(dim=1)).numel())
+def distinct_top1(scores: torch.Tensor, rows: torch.Tensor | None = None) -> int:
+    """How many distinct gallery rows are ranked first over a batch of score rows [B, N] (or [B, K] whose
+    columns stand for gallery ``rows`` [B, K])."""
+    best = scores.argmax(dim=1)
+    if rows is not None:
+        best = rows.gather(1, best[:, None]).squeeze(1)
+    return int(torch.unique(best).numel())
 
 
-def signals(adapted: torch.Tensor, source: torch.Tensor, k: int = TOP_K) -> dict[str, float]:
-    """The three label-free signals of one batch, from the adapted and the source model's scores [B, N]."""
+def signals(adapted: torch.Tensor, source: torch.Tensor, k: int = TOP_K, *, rows: torch.Tensor | None = None,
+            source_mean: torch.Tensor | None = None, source_std: torch.Tensor | None = None) -> dict[str, float]:
+    """The label-free signals of one batch, from the adapted and the source model's scores [B, N].
+
+    Top-K mode: both score the same columns, gallery ``rows`` [B, C] (``-inf`` where a column is not
+    scored), and ``source_mean`` / ``source_std`` [B] are the source's score statistics over the whole
+    gallery (the z-scores of ``plausible``); the softmax of ``confident`` is then over the columns only.
+    A gallery row is scored in at most one column, so comparing columns compares rows."""
     top1 = adapted.argmax(dim=1)
     src_top = source.topk(min(k, source.shape[1]), dim=1).indices
     inside = (src_top == top1[:, None]).any(dim=1).float()
     # how the source model scores the adapted choice, in standard deviations of its scores for that query
-    z = (source - source.mean(dim=1, keepdim=True)) / source.std(dim=1, keepdim=True).clamp_min(1e-12)
+    mean = source.mean(dim=1, keepdim=True) if source_mean is None else source_mean[:, None]
+    std = source.std(dim=1, keepdim=True) if source_std is None else source_std[:, None]
+    z = (source - mean) / std.clamp_min(1e-12)
     lag = z.amax(dim=1) - z.gather(1, top1[:, None]).squeeze(1)
     weight = (source / SOURCE_TAU).softmax(dim=1).amax(dim=1)  # how sure the source model is of each query
     return {"plausible": float((lag <= PLAUSIBLE_Z).float().mean()),
             "confident": float((weight * inside).sum() / weight.sum().clamp_min(1e-12)),
             "containment": float(inside.mean()),
             "agreement": float((src_top[:, 0] == top1).float().mean()),
-            "diversity": distinct_top1(adapted) / max(1, distinct_top1(source))}
+            "diversity": distinct_top1(adapted, rows) / max(1, distinct_top1(source, rows))}
 
 
 @dataclass
@@ -78,10 +90,11 @@ class CollapseGuard:
             raise ValueError(f"collapse signal must be one of {SIGNALS}, got {self.signal!r}")
         self.history = deque(maxlen=self.window)
 
-    def observe(self, adapted: torch.Tensor, source: torch.Tensor) -> dict[str, float | bool]:
-        """Add one batch (the scores returned, and the source model's on the same queries); return its
-        signals, the window's mean and whether the window now says *collapsed* (which clears it)."""
-        sig = signals(adapted, source)
+    def observe(self, adapted: torch.Tensor, source: torch.Tensor, **top_k: torch.Tensor) -> dict[str, float | bool]:
+        """Add one batch (the scores returned, and the source model's on the same queries; ``top_k``: the
+        top-K mode's arguments of :func:`signals`); return its signals, the window's mean and whether the
+        window now says *collapsed* (which clears it)."""
+        sig = signals(adapted, source, **top_k)
         self.history.append(sig[self.signal])
         mean = sum(self.history) / len(self.history)
         collapsed = len(self.history) == self.window and mean < self.ratio

@@ -11,9 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
-def nearest_candidates(sims: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index and embedding of each query's nearest gallery item, from query–gallery similarities."""
+def nearest_candidates(sims: torch.Tensor, gallery: torch.Tensor,
+                       cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gallery row and embedding of each query's nearest gallery item, from query–gallery similarities
+    (whose columns stand for gallery rows ``cols`` [B, K] in top-K mode)."""
     idx = sims.detach().argmax(dim=1)
+    if cols is not None:
+        idx = cols.gather(1, idx[:, None]).squeeze(1)
     return idx, gallery[idx]
 
 

@@ -144,7 +144,7 @@ class REST(TCR):
                 for p, s in zip(self.params, self.source_state):
                     p.copy_(s)
                 try:
-                    self._z_source = self.model.encode_query(items).detach()
+                    self._z_source = self.encode(items).detach()
                 finally:
                     for p, c in zip(self.params, current):
                         p.copy_(c)
@@ -172,7 +172,7 @@ class REST(TCR):
 
     def loss(self, z, sims, step, labels):
         c, h, mask, e_m, rem, uni, gap, logs = self.tcr_terms(z, sims, step)
-        idx = sims.detach().argmax(1)
+        idx = self.column_rows(self.cols, sims.detach().argmax(1))
         groups = self.gallery_ids[idx] if self.gallery_ids is not None else idx
         cons = self._consistency(z, c, groups, h, mask, e_m)
         rem = rem.to(z.dtype)
@@ -254,14 +254,14 @@ class REST(TCR):
         items = self._memory_batch()
         if items is None:
             return None
-        z = self.model.encode_query(items)
-        _, c = nearest_candidates(z.detach() @ self.gallery.T, self.gallery)
+        z = self.encode(items)
+        sims, cols = self._sims(z.detach())
+        _, c = nearest_candidates(sims, self.gallery, cols)
         h = refined_entropy(z, c, self.tau)
         rem, _ = rem_loss(h, self.queue.entropy_threshold(self.threshold_rule, self.threshold_quantile))
         obj = rem.to(z.dtype) + self.lambda_u * uniformity_loss(z, self.t_uniform) \
             + self.lambda_g * gap_loss(z, c, self.queue.target_gap())
-        gs = torch.autograd.grad(obj, self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, gs)]
+        return self.param_grads(obj)
 
     def _metric(self) -> list[torch.Tensor] | None:
         """Adam's current diagonal preconditioner 1/(√v̂ + ε), or None before its first step."""
@@ -310,7 +310,8 @@ class REST(TCR):
             try:
                 gs = torch.autograd.grad(z, self.params, grad_outputs=cotangents, is_grads_batched=True,
                                          allow_unused=True)
-                return [[torch.zeros_like(p) if g is None else g[k] for p, g in zip(self.params, gs)]
+                return [self.comm.all_reduce([torch.zeros_like(p) if g is None else g[k]
+                                              for p, g in zip(self.params, gs)])
                         for k in range(len(cotangents))]
             except RuntimeError as e:  # some kernels have no batching rule
                 log.warning("batched backward unavailable (%s); using one backward per gradient", e)
@@ -318,5 +319,5 @@ class REST(TCR):
         out = []
         for k in range(len(cotangents)):
             gs = torch.autograd.grad(z, self.params, grad_outputs=cotangents[k], retain_graph=True, allow_unused=True)
-            out.append([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, gs)])
+            out.append(self.comm.all_reduce([torch.zeros_like(p) if g is None else g for p, g in zip(self.params, gs)]))
         return out

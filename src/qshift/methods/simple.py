@@ -47,6 +47,7 @@ class Oracle(Method):
     """
 
     uses_labels = True
+    supports_candidates = False  # its InfoNCE needs every true item, which need not be among the top-K
 
     @dataclass(frozen=True)
     class Options(Options):

@@ -81,7 +81,7 @@ class TCR(Method):
 
     # -- the loss ----------------------------------------------------------------------
     def tcr_terms(self, z: torch.Tensor, sims: torch.Tensor, step: int):
-        _, c = nearest_candidates(sims, self.gallery)
+        _, c = nearest_candidates(sims, self.gallery, self.cols)
         refreshed = False
         if step == 0:
             if self.refresh == "refresh-on-shift":

@@ -203,3 +203,39 @@ def retrieval_metrics(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids
     if scores.shape[0] == 0:
         raise ValueError("no queries to score")
     return summarise(*per_query_ranks_and_ap(scores, query_ids, gallery_ids, chunk), ks, metrics)
+
+
+def candidate_ranks_and_ap(scores: torch.Tensor, rows: torch.Tensor, query_ids: torch.Tensor,
+                           gallery_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks and APs from each query's top-K candidates only: ``scores`` [B, K] over gallery ``rows``
+    [B, K] (a method run with ``candidates=K``).
+
+    Within the candidates the ranking is exact (ties against the query, as everywhere here).  A query
+    with no positive among its candidates gets rank ``N`` (the gallery size: a miss at every depth), and
+    positives outside the candidates add 0 to its AP — so R@k for k ≤ K equals the whole-gallery value
+    when the candidates are the true top-K, while mAP, MedR and R@k for k > K are bounds (docs/large-galleries.md).
+    """
+    query_ids, gallery_ids = torch.as_tensor(query_ids), torch.as_tensor(gallery_ids)
+    if scores.ndim != 2 or rows.shape != scores.shape or query_ids.shape != (scores.shape[0],):
+        raise ValueError(f"scores {tuple(scores.shape)}, rows {tuple(rows.shape)} and query_ids "
+                         f"{tuple(query_ids.shape)} do not fit: [B, K], [B, K], [B]")
+    device = scores.device
+    gallery_ids, query_ids, rows = gallery_ids.to(device), query_ids.to(device), rows.to(device)
+    block = scores.detach().double()
+    _check_finite_or_inf(block)
+    rel = gallery_ids[rows] == query_ids[:, None]
+    # ties against the query: negatives first, then a stable sort by score, best first
+    first = torch.argsort(rel.to(torch.int8), dim=1, stable=True)
+    second = torch.argsort(block.gather(1, first), dim=1, descending=True, stable=True)
+    rel_sorted = rel.gather(1, first.gather(1, second))
+    ids, counts = torch.unique(gallery_ids, return_counts=True)
+    at = torch.searchsorted(ids, query_ids).clamp_max(len(ids) - 1)
+    n_pos = torch.where(ids[at] == query_ids, counts[at], torch.zeros_like(counts[at]))
+    if bool((n_pos == 0).any()):
+        raise ValueError("a query has no relevant gallery item")
+    found = rel_sorted.any(1)
+    position = torch.arange(scores.shape[1], device=device, dtype=torch.float64)
+    hits = rel_sorted.double()
+    ap = (hits * hits.cumsum(1) / (position + 1)).sum(1) / n_pos.double()
+    ranks = torch.where(found, rel_sorted.to(torch.int8).argmax(1), torch.full_like(n_pos, len(gallery_ids)))
+    return ranks.to(torch.int64), ap
