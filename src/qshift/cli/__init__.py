@@ -6,7 +6,7 @@ import sys
 
 from rich.markup import escape
 
-from qshift.cli import cache, evaluate, grids, methods, serve, shifts, train  # noqa: F401  (register the commands)
+from qshift.cli import cache, evaluate, grids, index, methods, serve, shifts, train  # noqa: F401  (register the commands)
 from qshift.cli.common import app, err, error as _error  # noqa: F401  (the public names)
 
 __all__ = ["app", "main"]

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,8 +193,10 @@ def _set_params(faiss, index, params: str) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+    """FAISS's message without its C++ location (``Error in <function> at <file>:<line>: ``)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return next((ln for ln in lines if "Error" in ln or "error" in ln), lines[-1] if lines else type(e).__name__)
+    line = next((ln for ln in lines if "Error" in ln or "error" in ln), lines[-1] if lines else type(e).__name__)
+    return re.sub(r"^Error in .*? at \S+:\d+: ", "", line)
 
 
 def index_paths(embeddings: str | Path) -> tuple[Path, Path]:

@@ -291,8 +291,8 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             scores = svc.adapt(svc.codec.collate(rows))
-            top = scores.topk(min(max(j.k for j in jobs), scores.shape[1]), dim=1)
-            idx, vals = top.indices.cpu().tolist(), top.values.float().cpu().tolist()
+            rows_t, values = svc.adapter.method.top(scores, max(j.k for j in jobs))
+            idx, vals = rows_t.cpu().tolist(), values.float().cpu().tolist()
         except Exception as e:
             self.failures += 1
             status = 500

@@ -24,6 +24,7 @@ from qshift.data.world import load_split
 from qshift.engine import parse_settings
 from qshift.errors import UserError
 from qshift.methods.base import method_class
+from qshift.retrieval.index import index_paths, load_index
 from qshift.serve.checkpoints import CheckpointStore
 from qshift.serve.inputs import InputLimits, QueryCodec
 
@@ -174,7 +175,8 @@ def build_service(spec: ServeSpec) -> Service:
     items, ids, gallery_info, embedded = _gallery(spec, backbone, model)
     config = {**{k: v for k, v in protocol.as_dict().items() if k != "batch_size"}, **cfg.method_options}
     torch.manual_seed(cfg.seed)
-    adapter = Adapter(model, items, spec.method, gallery_is_embedded=embedded, **config)
+    adapter = Adapter(model, items, spec.method, gallery_is_embedded=embedded,
+                      gallery_index=_saved_index(spec, protocol, items), **config)
     identity = service_identity({"spec": spec.model, **backbone.identity}, spec.direction, gallery_info, adapter)
     store = None if store_dir is None else CheckpointStore(store_dir, identity)
     if store is not None:
@@ -184,6 +186,20 @@ def build_service(spec: ServeSpec) -> Service:
     if not spec.fresh:
         service.resume()
     return service
+
+
+def _saved_index(spec: ServeSpec, protocol: Any, embeddings: Any) -> Any:
+    """The index ``qshift index build`` wrote beside ``--gallery-embeddings``, for a top-K service
+    (``--set candidates=K``); None (the protocol's ``index`` is built at start) when there is none."""
+    if not protocol.candidates or not spec.gallery_embeddings:
+        return None
+    path, sidecar = index_paths(spec.gallery_embeddings)
+    if not sidecar.is_file():
+        return None
+    index = load_index(path, embeddings, params=protocol.index_params or None)
+    log.info("gallery index %s (%s, %s) loaded from %s", index.kind, index.params or "default search",
+             f"{index.ntotal} items", path)
+    return index
 
 
 def _gallery(spec: ServeSpec, backbone: Any, model: Any) -> tuple[Any, list[str], dict[str, Any], bool]:
