@@ -187,3 +187,72 @@ def test_adapter_retrieves_gallery_ids_through_a_faiss_index(shipped_stream, tmp
         t_ids, t_scores = top.search(imgs[:16], k=5)
     torch.testing.assert_close(t_scores, w_scores, atol=1e-5, rtol=0)
     assert bool((t_ids == w_ids).float().mean() > 0.95)
+
+
+def _png(a: np.ndarray) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _saved_gallery(tmp_path, model):
+    from qshift.data.world import load_split
+
+    split = load_split("test1k")
+    captions = [c for c, k in zip(split.captions, split.caption_image) if k < 40]
+    with torch.no_grad():
+        emb = model.encode_gallery(captions).numpy()
+    path = tmp_path / "gallery.npy"
+    np.save(path, emb)
+    return path, split
+
+
+def test_index_build_writes_an_index_beside_the_embeddings_and_serve_searches_it(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from qshift.cli import app
+
+    model = qshift.load_model("world", "i2t")
+    path, split = _saved_gallery(tmp_path, model)
+    runner = CliRunner()
+    res = runner.invoke(app, ["index", "build", str(path), "--index", "IVF4,Flat", "--params", "nprobe=4", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["recall@10"] == 1.0 and summary["ntotal"] == 200  # every list probed: exact
+    assert (tmp_path / "gallery.faiss").is_file() and (tmp_path / "gallery.faiss.json").is_file()
+    bad = runner.invoke(app, ["index", "build", str(tmp_path / "nope.npy")])
+    assert bad.exit_code == 2 and "error:" in bad.stderr and "not found" in bad.stderr
+    np.save(tmp_path / "raw.npy", np.ones((5, 4), dtype=np.float32))
+    bad = runner.invoke(app, ["index", "build", str(tmp_path / "raw.npy")])
+    assert bad.exit_code == 2 and "L2-normalised" in bad.stderr
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from qshift.serve.app import create_app
+    from qshift.serve.service import ServeSpec, build_service
+
+    svc = build_service(ServeSpec(method="tcr", settings=["candidates=20", "batch_size=4"], model="world",
+                                  direction="i2t", gallery_embeddings=str(path)))
+    assert svc.adapter.method.index.kind == "IVF4,Flat"
+    images = split.images(list(range(4)))
+    with TestClient(create_app(svc)) as client:
+        r = client.post("/v1/retrieve", json={"queries": [{"image": _png(a), "id": str(i)}
+                                                          for i, a in enumerate(images)], "k": 5})
+    assert r.status_code == 200, r.text
+    answers = r.json()["results"]
+    assert all(len(q["ids"]) == 5 for q in answers)
+    # the ids are gallery rows (row numbers, no --gallery-ids): caption row // 5 is the image
+    assert sum(int(q["ids"][0]) // 5 == i for i, q in enumerate(answers)) >= 2
+    # another gallery: the saved index is refused, naming it
+    np.save(path, np.roll(np.load(path), 1, axis=0))
+    with pytest.raises(UserError, match="other gallery embeddings"):
+        build_service(ServeSpec(method="tcr", settings=["candidates=20"], model="world", direction="i2t",
+                                gallery_embeddings=str(path)))

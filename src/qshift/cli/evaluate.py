@@ -149,20 +149,35 @@ def run_cmd(
     device: DeviceOpt = "cpu",
     preprocess: PreprocessOpt = "model",
 ) -> None:
-    """Run one method online over one benchmark stream and report online R@1/5/10 and mAP."""
+    """Run one method online over one benchmark stream and report online R@1/5/10 and mAP.
+
+    Under ``torchrun --nproc_per_node N -m qshift.cli run …`` the processes share each batch and the
+    gallery encoding (docs/distributed.md); rank 0 alone prints and writes ``--out``."""
     from qshift.atomic import prepare_output_dir
     from qshift.engine import parse_settings, result_filename, run_online
+    from qshift.parallel import encode_sharded, from_environment
 
-    try:  # everything that can be checked before the benchmark is built
-        cfg = parse_settings(method, set_ or [])
-        if out is not None:
-            prepare_output_dir(out)
-        task, rmodel, backbone = _task_and_model(benchmark, model, weights, dataset, data_root, annotation, device,
-                                                 preprocess, shift_seed, not as_json, max_queries)
-        result = run_online(rmodel, task, cfg, progress=not as_json)
-    except USER_ERRORS as e:
-        _error(e)
-        raise typer.Exit(2)
+    comm = from_environment(device)
+    parallel, lead = comm.world_size > 1, comm.rank == 0
+    try:
+        try:  # everything that can be checked before the benchmark is built
+            cfg = parse_settings(method, set_ or [])
+            if out is not None and lead:
+                prepare_output_dir(out)
+            task, rmodel, backbone = _task_and_model(benchmark, model, weights, dataset, data_root, annotation,
+                                                     device, preprocess, shift_seed, not as_json and lead,
+                                                     max_queries)
+            # several processes: each encodes its share of the gallery, all get the whole of it
+            gallery = encode_sharded(rmodel.encode_gallery, task.gallery, comm, 256) if parallel else None
+            result = run_online(rmodel, task, cfg, progress=not as_json and lead, gallery_embeddings=gallery,
+                                comm=comm if parallel else None)
+        except USER_ERRORS as e:
+            _error(e)
+            raise typer.Exit(2)
+    finally:
+        comm.close()
+    if not lead:
+        return
     result.model, result.shift_seed, result.max_queries = backbone.identity, shift_seed, max_queries
     row = {"benchmark": benchmark, "direction": task.direction, "method": method, "model": model,
            "metrics": {k: round(result.metrics[k], 4) for k in ("R@1", "R@5", "R@10", "mAP")},
