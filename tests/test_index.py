@@ -256,3 +256,41 @@ def test_index_build_writes_an_index_beside_the_embeddings_and_serve_searches_it
     with pytest.raises(UserError, match="other gallery embeddings"):
         build_service(ServeSpec(method="tcr", settings=["candidates=20"], model="world", direction="i2t",
                                 gallery_embeddings=str(path)))
+
+
+def test_a_top_k_run_records_ranks_and_top_rows_and_matches_the_exact_run(shipped_model):
+    from qshift.data.streams import QuerySet, sequential_stream
+    from qshift.engine import RECORD_TOP, RunConfig, run_online
+    from qshift.options import Protocol
+
+    split = world.generate_world(seed=23, n_images=64)
+    rm = WorldRetrievalModel(shipped_model, "image")
+    images = split.images()
+
+    class Task:
+        name, direction = "tiny-topk", "i2t"
+        query_sets = [QuerySet("a", images[:32], np.arange(32)), QuerySet("b", images[32:], np.arange(32, 64))]
+        gallery, gallery_ids = split.captions, np.asarray(split.caption_image)
+        clean_queries = QuerySet("clean", images, np.arange(64))
+
+        def stream(self, batch_size, seed):
+            return sequential_stream(self.query_sets, batch_size, seed)
+
+    source = [p.detach().clone() for _, p in rm.adaptable_parameters()]
+    runs = {}
+    for k in (0, 20):
+        runs[k] = run_online(rm, Task(), RunConfig("tcr", Protocol(batch_size=16, lr=1e-3, candidates=k)),
+                             progress=False)
+        with torch.no_grad():
+            for (_, p), v in zip(rm.adaptable_parameters(), source):
+                p.copy_(v)
+    exact, top = runs[0], runs[20]
+    assert exact.search is None and top.search["candidates"] == 20 and top.search["exact"]
+    for key in ("R@1", "R@5", "R@10"):
+        assert top.metrics[key] == pytest.approx(exact.metrics[key], abs=1e-9)
+    assert top.forgetting["clean_delta_R@1"] == pytest.approx(exact.forgetting["clean_delta_R@1"], abs=1e-9)
+    for a, b in zip(exact.batches, top.batches):
+        assert len(a["ranks"]) == a["size"] and len(a["top"][0]) == RECORD_TOP
+        assert a["top"] == b["top"]
+        assert [r for r in a["ranks"] if r < 20] == [r for r in b["ranks"] if r < 20]
+    assert top.metrics["mAP"] <= exact.metrics["mAP"] + 1e-9

@@ -31,6 +31,10 @@ from qshift.retrieval.encode import encode_batched
 from qshift.retrieval.index import GalleryIndex
 from qshift.retrieval.metrics import candidate_ranks_and_ap, per_query_ranks_and_ap, summarise
 
+#: how many of each query's best gallery rows a result's per-batch records keep
+RECORD_TOP = 10
+
+
 @dataclass
 class RunConfig:
     """One online run: a method with its own options, under a protocol (:class:`qshift.options.Protocol`),
@@ -260,6 +264,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         labels = torch.as_tensor(batch.ids)
         scores, rec = method.adapt_batch(batch.items, labels=labels.to(gallery.device) if method.uses_labels else None)
         r, a = batch_ranks(method, scores, labels, gallery_ids)
+        rec["ranks"] = r.tolist()  # each query's first-positive rank, and its best gallery rows: never score rows
+        rec["top"] = method.top(scores, RECORD_TOP)[0].cpu().tolist()
         ranks.append(r)
         aps.append(a)
         domains.extend(batch.domains)
