@@ -27,9 +27,13 @@ from qshift.methods import create
 from qshift.methods.base import method_class, method_options, resolved_options
 from qshift.models.protocol import RetrievalModel, default_lr
 from qshift.options import Protocol, parse_text
-from qshift.retrieval.encode import encode_batched
+from qshift.parallel import LOCAL, encode_sharded
 from qshift.retrieval.index import GalleryIndex
-from qshift.retrieval.metrics import candidate_ranks_and_ap, per_query_ranks_and_ap, summarise
+from qshift.retrieval.metrics import (
+    candidate_ranks_and_ap,
+    per_query_ranks_and_ap,
+    summarise,
+)
 
 #: how many of each query's best gallery rows a result's per-batch records keep
 RECORD_TOP = 10
@@ -239,7 +243,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
             raise ValueError(f"{gallery_embeddings.shape[0]} gallery embeddings for {len(gallery_ids)} gallery items")
         gallery = gallery_embeddings.detach()
     else:
-        gallery = encode_batched(model.encode_gallery, task.gallery, 256, desc="gallery", progress=False)
+        # several processes: each encodes its share of the gallery, all get the whole of it
+        gallery = encode_sharded(model.encode_gallery, task.gallery, comm or LOCAL, 256)
     method = create(cfg.method, model, gallery, protocol=cfg.protocol, gallery_ids=gallery_ids.to(gallery.device),
                     gallery_index=gallery_index, comm=comm, **cfg.method_options)
     stream = task.stream(batch_size=cfg.protocol.batch_size, seed=cfg.seed)
@@ -301,7 +306,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         n_queries=int(ranks_t.numel()), n_gallery=int(len(gallery_ids)),
         params_adapted=adapted if method.adapts else 0, params_total=total,
         seconds=time.perf_counter() - t0,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, environment=environment(device),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        environment={**environment(device), "world_size": (comm or LOCAL).world_size},
         peak_cuda_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         collapse_resets=resets, search=None if method.index is None else
         {**method.index.describe(), "candidates": method.candidates})

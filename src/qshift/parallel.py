@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from qshift.errors import UserError
+
 __all__ = ["Communicator", "Distributed", "LOCAL", "encode_sharded", "from_environment"]
 
 
@@ -85,7 +87,7 @@ class Distributed(Communicator):
     def shard(self, items: Any) -> Any:
         n = len(items)
         if n == 0:
-            raise ValueError("cannot shard an empty batch")
+            raise UserError("cannot split an empty batch over processes")
         start, stop = self.bounds(n)
         self._drop_next = start == stop
         return items[:1] if self._drop_next else items[start:stop]

@@ -155,7 +155,7 @@ def run_cmd(
     gallery encoding (docs/distributed.md); rank 0 alone prints and writes ``--out``."""
     from qshift.atomic import prepare_output_dir
     from qshift.engine import parse_settings, result_filename, run_online
-    from qshift.parallel import encode_sharded, from_environment
+    from qshift.parallel import from_environment
 
     comm = from_environment(device)
     parallel, lead = comm.world_size > 1, comm.rank == 0
@@ -167,10 +167,7 @@ def run_cmd(
             task, rmodel, backbone = _task_and_model(benchmark, model, weights, dataset, data_root, annotation,
                                                      device, preprocess, shift_seed, not as_json and lead,
                                                      max_queries)
-            # several processes: each encodes its share of the gallery, all get the whole of it
-            gallery = encode_sharded(rmodel.encode_gallery, task.gallery, comm, 256) if parallel else None
-            result = run_online(rmodel, task, cfg, progress=not as_json and lead, gallery_embeddings=gallery,
-                                comm=comm if parallel else None)
+            result = run_online(rmodel, task, cfg, progress=not as_json and lead, comm=comm if parallel else None)
         except USER_ERRORS as e:
             _error(e)
             raise typer.Exit(2)
