@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py [--batch 64] [--repeats 5] [--methods source,tent,...]
     python benchmarks/step_cost.py --skip-world --vit-batch 8      # only open_clip ViT-B/16
     python benchmarks/step_cost.py --skip-vit                      # only the world model
+    python benchmarks/step_cost.py --skip-vit --methods "source,tcr,rest,rest[gen_refresh=batch]"
 
 Uses the shipped world model on image queries (i2t) against the 10,000-caption gallery; the methods
 are interleaved within each repeat, and it prints the min and the median over repeats, the ratio to
@@ -12,6 +13,7 @@ a randomly initialised ViT-B/16 image tower at B = 8 (no weights are downloaded)
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -19,6 +21,7 @@ import torch
 
 from qshift.data import world
 from qshift.methods import available_methods, create
+from qshift.methods.base import method_class
 from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.retrieval.encode import encode_batched
 
@@ -29,7 +32,8 @@ def time_methods(model, gallery, gallery_ids, items, methods, repeats):
     every method alike, and the ratios are measured side by side."""
     built = {}
     for name in methods:
-        m = create(name, model, gallery, gallery_ids=gallery_ids)
+        method, options = parse_spec(name)
+        m = create(method, model, gallery, gallery_ids=gallery_ids, **options)
         labels = torch.zeros(len(items), dtype=torch.long) if m.uses_labels else None
         m.adapt_batch(items, labels=labels)  # warm-up (and fills TCR's queue)
         built[name] = (m, labels)
@@ -44,12 +48,32 @@ def time_methods(model, gallery, gallery_ids, items, methods, repeats):
     return {name: (min(v), statistics.median(v)) for name, v in times.items()}
 
 
+def split_specs(text: str) -> list[str]:
+    """Method specs separated by commas outside brackets."""
+    return [m.strip() for m in re.split(r",(?![^\[]*\])", text) if m.strip()]
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``rest[projection_space=embeddings,gen_refresh=batch]`` → (``rest``, its options, typed)."""
+    name, _, rest = spec.partition("[")
+    options = {}
+    if rest:
+        cls = method_class(name)
+        for item in rest.rstrip("]").split(","):
+            key, _, text = item.partition("=")
+            options[key] = cls.Options.parse_value(key, text)
+    return name, options
+
+
 def print_table(t: dict[str, tuple[float, float]]) -> None:
     """Seconds per batch (min and median over the interleaved repeats), the ratio to inference, REST / TCR."""
     base_min, base_med = t["source"]
-    print(f"{'method':<10} {'min s':>8} {'median s':>9} {'× inference (min)':>18}")
+    width = max(10, *(len(n) for n in t))
+    print(f"{'method':<{width}} {'min s':>8} {'median s':>9} {'× inference (min)':>18} {'/ TCR (min, median)':>20}")
+    tcr = t.get("tcr")
     for name, (lo, med) in t.items():
-        print(f"{name:<10} {lo:>8.3f} {med:>9.3f} {lo / base_min:>18.1f}")
+        ratio = f"{lo / tcr[0]:.2f}, {med / tcr[1]:.2f}" if tcr else ""
+        print(f"{name:<{width}} {lo:>8.3f} {med:>9.3f} {lo / base_min:>18.1f} {ratio:>20}")
     if "rest" in t and "tcr" in t:
         print(f"REST / TCR = {t['rest'][0] / t['tcr'][0]:.2f} (min), {t['rest'][1] / t['tcr'][1]:.2f} (median)")
 
@@ -65,9 +89,9 @@ def main() -> None:
     ap.add_argument("--skip-vit", action="store_true", help="only the world-model timing")
     args = ap.parse_args()
     if args.skip_world:
-        time_openclip(args.vit_batch, args.repeats, [m.strip() for m in args.vit_methods.split(",") if m.strip()])
+        time_openclip(args.vit_batch, args.repeats, split_specs(args.vit_methods))
         return
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = split_specs(args.methods)
     if "source" not in methods:
         methods.insert(0, "source")
     test = world.load_split("test")
@@ -85,7 +109,7 @@ def main() -> None:
     except ImportError:
         print("open_clip not installed: skipping the ViT-B/16 timing")
         return
-    vit_methods = [m.strip() for m in args.vit_methods.split(",") if m.strip()]
+    vit_methods = split_specs(args.vit_methods)
     time_openclip(args.vit_batch, args.repeats, vit_methods)
 
 

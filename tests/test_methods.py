@@ -376,6 +376,66 @@ def test_rest_memory_signal_replays_reliable_queries(setup):
         create("rest", rm, g, signal="dream")
 
 
+def _count_vjps(m, monkeypatch):
+    calls = []
+    real = m._vjp
+
+    def counted(z, cot):
+        calls.append(len(cot))
+        return real(z, cot)
+    monkeypatch.setattr(m, "_vjp", counted)
+    return calls
+
+
+def test_rest_gen_refresh_batch_computes_the_general_gradient_once_per_batch(setup, tiny_model, monkeypatch):
+    rm, g, split = setup
+    imgs, gids = split.images(), torch.as_tensor(split.caption_image)
+    source = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    # one inner step: nothing to reuse, so it is the default REST exactly
+    outs = []
+    for opts in ({}, {"gen_refresh": "batch"}):
+        tiny_model.load_state_dict(source)
+        m = create("rest", rm, g, lr=1e-2, steps=1, gallery_ids=gids, **opts)
+        outs.append([m.adapt_batch(imgs[8 * k: 8 * k + 8])[0] for k in range(2)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    tiny_model.load_state_dict(source)
+    m = create("rest", rm, g, lr=1e-2, steps=3, gallery_ids=gids, gen_refresh="batch")
+    calls = _count_vjps(m, monkeypatch)
+    m.adapt_batch(imgs[:8])
+    m.adapt_batch(imgs[8:16])
+    assert calls == [2, 1, 1, 2, 1, 1]  # both gradients at each batch's first step, then the customising one only
+    tiny_model.load_state_dict(source)
+    with pytest.raises(ValueError, match="gen_refresh"):
+        create("rest", rm, g, gen_refresh="batch", signal="memory")
+
+
+def test_rest_embedding_space_projection_uses_one_backward_and_removes_the_conflict_there(setup, tiny_model,
+                                                                                          monkeypatch):
+    from qshift.methods.rest import project_conflict
+
+    rm, g, split = setup
+    source = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    m = create("rest", rm, g, lr=1e-2, steps=2, gallery_ids=torch.as_tensor(split.caption_image),
+               projection_space="embeddings", mode="always")
+    calls = _count_vjps(m, monkeypatch)
+    seen = []
+    real = project_conflict
+
+    def spy(g_spec, g_gen, *a, **k):
+        out, logs = real(g_spec, g_gen, *a, **k)
+        seen.append(float(sum((x * y).sum() for x, y in zip(out, g_gen))))
+        return out, logs
+    monkeypatch.setattr("qshift.methods.rest.project_conflict", spy)
+    scores, rec = m.adapt_batch(split.images()[:8])
+    assert calls == [1, 1]  # one backward per inner step
+    assert len(seen) == 2 and all(abs(v) < 1e-6 for v in seen)  # mode=always: orthogonal to the general part
+    assert all(s["fired"] == 1 for s in rec["steps"]) and bool(torch.isfinite(scores).all())
+    tiny_model.load_state_dict(source)
+    with pytest.raises(ValueError, match="projection_space"):
+        create("rest", rm, g, projection_space="embeddings", signal="reliable")
+
+
 def test_rest_adam_preconditioning_runs_and_needs_adamw(setup):
     rm, g, split = setup
     m = create("rest", rm, g, lr=1e-3, precondition="adam")

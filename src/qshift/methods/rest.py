@@ -28,6 +28,8 @@ PRECONDITION = ("none", "adam")
 MODES = ("on-conflict", "always")
 GRANULARITY = ("global", "per-tensor")
 ANCHOR_ON = ("all", "unreliable")
+PROJECTION_SPACE = ("parameters", "embeddings")
+GEN_REFRESH = ("step", "batch")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,13 @@ class RESTOptions(TCROptions):
                                choices=PRECONDITION)
     memory_size: int = option(64, "signal `memory`: replay-buffer capacity (queries)", minimum=1)
     memory_min: int = option(16, "signal `memory`: queries in the buffer before it is used", minimum=1)
+    projection_space: str = option("parameters", "where the conflict is tested and projected out: the adapted "
+                                                 "parameters' gradients (two backward passes per step) or the "
+                                                 "query embeddings' gradients [B, d] (one backward: cheaper, "
+                                                 "another projection)", choices=PROJECTION_SPACE)
+    gen_refresh: str = option("step", "how often the general-knowledge gradient is computed: every inner step, or "
+                                      "once per batch at its first step and reused by the later steps (one "
+                                      "backward per later step)", choices=GEN_REFRESH)
 
 
 def project_conflict(g_spec: list[torch.Tensor], g_gen: list[torch.Tensor], mode: str = "on-conflict",
@@ -134,10 +143,17 @@ class REST(TCR):
         self.memory_size, self.memory_min = o.memory_size, o.memory_min
         self._memory: list = []
         self._items = None
+        self._g_gen: list[torch.Tensor] | None = None  # gen_refresh=batch: this batch's general-knowledge gradient
+        if o.projection_space == "embeddings" and (o.signal != "anchor" or o.precondition != "none"):
+            raise ValueError("projection_space='embeddings' needs signal='anchor' and precondition='none'")
+        if o.gen_refresh == "batch" and o.signal != "anchor":
+            raise ValueError("gen_refresh='batch' needs signal='anchor'")
+        self.projection_space, self.gen_refresh = o.projection_space, o.gen_refresh
 
     # -- the source anchor: one no-grad forward per batch under θ0 -----------------------
     def on_batch_start(self, items) -> None:
         self._items = items
+        self._g_gen = None
         if self.decoupling and self.signal == "anchor" and self.lambda_a > 0:
             with torch.no_grad():
                 current = [p.detach().clone() for p in self.params]
@@ -293,16 +309,42 @@ class REST(TCR):
         spec, gen_upd, gen_dir = self._objectives(out)
         z = out.z
         dz = []
-        for L in (spec, gen_upd, gen_dir):
+        for L in (spec, gen_upd) if gen_dir is gen_upd else (spec, gen_upd, gen_dir):
             (g,) = torch.autograd.grad(L, z, retain_graph=True, allow_unused=True)
             dz.append(torch.zeros_like(z) if g is None else g)
-        if gen_dir is gen_upd:
-            dz = dz[:2]
-        grads = self._vjp(z, torch.stack(dz))
-        g_spec, g_upd = grads[0], grads[1]
-        g_dir = grads[2] if len(grads) > 2 else g_upd
+        if self.projection_space == "embeddings":
+            return self._embedding_projection(z, dz)
+        if self.gen_refresh == "batch" and self._g_gen is not None:
+            # a later inner step: only the customisation gradient is new; the batch's first step gave the rest
+            (g_spec,) = self._vjp(z, dz[0][None])
+            g_upd, g_dir = self._g_gen
+        else:
+            grads = self._vjp(z, torch.stack(dz))
+            g_spec, g_upd = grads[0], grads[1]
+            g_dir = grads[2] if len(grads) > 2 else g_upd
+            if self.gen_refresh == "batch":
+                self._g_gen = (g_upd, g_dir)
         g_spec, logs = project_conflict(g_spec, g_dir, self.mode, self.granularity, self._metric())
         return [a + b for a, b in zip(g_spec, g_upd)], logs
+
+    def _embedding_projection(self, z: torch.Tensor, dz: list[torch.Tensor]):
+        """projection_space=embeddings: the conflict tested and removed between ∂L_spec/∂z and ∂L_gen/∂z
+        (the whole batch's [B, d] gradients, or each query's row with granularity=per-tensor), then one
+        backward of the combined embedding gradient."""
+        d_spec, d_upd = dz[0], dz[1]
+        d_dir = dz[2] if len(dz) > 2 else d_upd
+        if self.granularity == "global":
+            (d_spec,), logs = project_conflict([d_spec], [d_dir], self.mode, "global")
+        else:  # one projection per query
+            rows, fired = [], 0
+            for a, b in zip(d_spec, d_dir):
+                (a,), lg = project_conflict([a], [b], self.mode, "global")
+                rows.append(a)
+                fired += lg["fired"]
+            d_spec = torch.stack(rows)
+            logs = {"fired": fired}
+        (grads,) = self._vjp(z, (d_spec + d_upd)[None])
+        return grads, logs
 
     def _vjp(self, z: torch.Tensor, cotangents: torch.Tensor) -> list[list[torch.Tensor]]:
         """Parameter gradients for each cotangent of z — one batched backward when possible."""
