@@ -205,6 +205,19 @@ def test_same_seed_same_result_and_forgetting_is_reported(setup, tiny_model):
     assert r.peak_cuda_mb is None and r.peak_rss_mb > 0
 
 
+def test_a_run_leaves_the_model_with_the_parameters_it_came_with(setup, tiny_model):
+    rm, g, split = setup
+    before = [p.detach().clone() for _, p in rm.adaptable_parameters()]
+    res = run_online(rm, _task(split, rm), RunConfig(method="tent", protocol=Protocol(batch_size=8, lr=1e-2)),
+                     progress=False)
+    assert res.batches[-1]["steps"]  # it adapted
+    after = [p.detach() for _, p in rm.adaptable_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    again = run_online(rm, _task(split, rm), RunConfig(method="tent", protocol=Protocol(batch_size=8, lr=1e-2)),
+                       progress=False)
+    assert again.metrics == res.metrics  # the second run starts from the source too
+
+
 def test_oracle_needs_labels(setup):
     rm, g, split = setup
     m = create("oracle", rm, g, gallery_ids=torch.as_tensor(split.caption_image))

@@ -229,7 +229,9 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     ``gallery_embeddings`` may pass the task's gallery already encoded by ``model`` (a grid reuses
     them across methods: the gallery tower is frozen, so they are the same for every cell), and
     ``gallery_index`` an index over them for a top-K run (``candidates`` > 0; built from the protocol's
-    ``index`` otherwise).  ``comm`` splits each batch over processes (:mod:`qshift.parallel`).
+    ``index`` otherwise).  ``comm`` splits each batch over processes (:mod:`qshift.parallel`).  The model's
+    adaptable parameters are put back as they came when the run ends (or fails), so runs on one model
+    object never start from another run's adapted weights.
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -247,55 +249,58 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         gallery = encode_sharded(model.encode_gallery, task.gallery, comm or LOCAL, 256)
     method = create(cfg.method, model, gallery, protocol=cfg.protocol, gallery_ids=gallery_ids.to(gallery.device),
                     gallery_index=gallery_index, comm=comm, **cfg.method_options)
-    stream = task.stream(batch_size=cfg.protocol.batch_size, seed=cfg.seed)
-    sequential = stream.kind == "sequential"
-    clean = getattr(task, "clean_queries", None)
-    source_clean = _probe(method, clean, gallery_ids) if (clean is not None and sequential) else None
-    first_domain_set = task.query_sets[int(stream.order[0, 0])]
-    source_first = _probe(method, first_domain_set, gallery_ids) if sequential else None
-    ranks, aps, domains, batches = [], [], [], []
-    forgetting_curve = []
-    prev_domain = None
-    for batch in tqdm(stream, total=len(stream), desc=f"{cfg.method} on {task.name}", disable=not progress):
-        dom = batch.domains[0]
-        if sequential and prev_domain is not None and dom != prev_domain:
-            if source_clean is not None:
-                forgetting_curve.append({"after": prev_domain, **_delta(_probe(method, clean, gallery_ids), source_clean)})
-            if cfg.protocol.reset == "reset_each_domain":
+    try:
+        stream = task.stream(batch_size=cfg.protocol.batch_size, seed=cfg.seed)
+        sequential = stream.kind == "sequential"
+        clean = getattr(task, "clean_queries", None)
+        source_clean = _probe(method, clean, gallery_ids) if (clean is not None and sequential) else None
+        first_domain_set = task.query_sets[int(stream.order[0, 0])]
+        source_first = _probe(method, first_domain_set, gallery_ids) if sequential else None
+        ranks, aps, domains, batches = [], [], [], []
+        forgetting_curve = []
+        prev_domain = None
+        for batch in tqdm(stream, total=len(stream), desc=f"{cfg.method} on {task.name}", disable=not progress):
+            dom = batch.domains[0]
+            if sequential and prev_domain is not None and dom != prev_domain:
+                if source_clean is not None:
+                    forgetting_curve.append({"after": prev_domain, **_delta(_probe(method, clean, gallery_ids), source_clean)})
+                if cfg.protocol.reset == "reset_each_domain":
+                    method.reset()
+            if cfg.protocol.reset == "episodic":
                 method.reset()
-        if cfg.protocol.reset == "episodic":
-            method.reset()
-        prev_domain = dom
-        labels = torch.as_tensor(batch.ids)
-        scores, rec = method.adapt_batch(batch.items, labels=labels.to(gallery.device) if method.uses_labels else None)
-        r, a = batch_ranks(method, scores, labels, gallery_ids)
-        rec["ranks"] = r.tolist()  # each query's first-positive rank, and its best gallery rows: never score rows
-        rec["top"] = method.top(scores, RECORD_TOP)[0].cpu().tolist()
-        ranks.append(r)
-        aps.append(a)
-        domains.extend(batch.domains)
-        rec["batch"] = batch.index
-        rec["domain"] = dom
-        rec["size"] = len(batch)
-        rec["R@1"] = 100.0 * float((r < 1).double().mean())
-        batches.append(rec)
-    ranks_t, aps_t = torch.cat(ranks), torch.cat(aps)
-    metrics = summarise(ranks_t, aps_t)
-    dom_arr = np.asarray(domains)
-    per_domain = {}
-    for d in dict.fromkeys(domains):
-        sel = torch.as_tensor(dom_arr == d)
-        per_domain[d] = summarise(ranks_t[sel], aps_t[sel])
-    forgetting = None
-    if source_clean is not None:
-        after = _probe(method, clean, gallery_ids)
-        forgetting_curve.append({"after": prev_domain, **_delta(after, source_clean)})
-        first_after = _probe(method, first_domain_set, gallery_ids)
-        forgetting = {"clean_after": after, "clean_source": source_clean, "clean_delta_R@1": after["R@1"] - source_clean["R@1"],
-                      "first_domain": first_domain_set.domain, "first_domain_after": first_after,
-                      "first_domain_source": source_first,
-                      "first_domain_delta_R@1": first_after["R@1"] - source_first["R@1"],
-                      "first_domain_online": per_domain[first_domain_set.domain], "curve": forgetting_curve}
+            prev_domain = dom
+            labels = torch.as_tensor(batch.ids)
+            scores, rec = method.adapt_batch(batch.items, labels=labels.to(gallery.device) if method.uses_labels else None)
+            r, a = batch_ranks(method, scores, labels, gallery_ids)
+            rec["ranks"] = r.tolist()  # each query's first-positive rank, and its best gallery rows: never score rows
+            rec["top"] = method.top(scores, RECORD_TOP)[0].cpu().tolist()
+            ranks.append(r)
+            aps.append(a)
+            domains.extend(batch.domains)
+            rec["batch"] = batch.index
+            rec["domain"] = dom
+            rec["size"] = len(batch)
+            rec["R@1"] = 100.0 * float((r < 1).double().mean())
+            batches.append(rec)
+        ranks_t, aps_t = torch.cat(ranks), torch.cat(aps)
+        metrics = summarise(ranks_t, aps_t)
+        dom_arr = np.asarray(domains)
+        per_domain = {}
+        for d in dict.fromkeys(domains):
+            sel = torch.as_tensor(dom_arr == d)
+            per_domain[d] = summarise(ranks_t[sel], aps_t[sel])
+        forgetting = None
+        if source_clean is not None:
+            after = _probe(method, clean, gallery_ids)
+            forgetting_curve.append({"after": prev_domain, **_delta(after, source_clean)})
+            first_after = _probe(method, first_domain_set, gallery_ids)
+            forgetting = {"clean_after": after, "clean_source": source_clean, "clean_delta_R@1": after["R@1"] - source_clean["R@1"],
+                          "first_domain": first_domain_set.domain, "first_domain_after": first_after,
+                          "first_domain_source": source_first,
+                          "first_domain_delta_R@1": first_after["R@1"] - source_first["R@1"],
+                          "first_domain_online": per_domain[first_domain_set.domain], "curve": forgetting_curve}
+    finally:
+        method.reset()  # the model leaves the run with the parameters it came with
     adapted, total = _count(model)
     resets = sum(1 for b in batches if b.get("collapse_reset"))
     return RunResult(
