@@ -64,7 +64,7 @@ def main() -> None:
             opts = {k: v for k, v in (("temperature", args.temperature), ("negatives", args.negatives))
                     if method == "oracle" and v is not None}
             cfg = RunConfig(method=method, protocol=Protocol(lr=args.lr), seed=args.seed, method_options=opts)
-            r[method] = run_online(model, task, cfg, progress=False).metrics["R@1"]
+            r[method] = run_online(model, task, cfg, progress=False, keep_adapted=True).metrics["R@1"]
         if args.after_stream:
             r["oracle_after_stream"] = after_stream_r1(model, task)
         moved = torch.cat([(p.detach() - before[n]).abs().flatten() for n, p in model.encoder.named_parameters()

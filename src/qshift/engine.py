@@ -223,7 +223,7 @@ def _probe(method, queries, gallery_ids, batch_size: int = 256) -> dict[str, flo
 
 def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = True,
                gallery_embeddings: torch.Tensor | None = None, gallery_index: GalleryIndex | None = None,
-               comm=None) -> RunResult:
+               comm=None, keep_adapted: bool = False) -> RunResult:
     """Run ``cfg.method`` over ``task``'s stream (a registry task) and return the result.
 
     ``gallery_embeddings`` may pass the task's gallery already encoded by ``model`` (a grid reuses
@@ -231,7 +231,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     ``gallery_index`` an index over them for a top-K run (``candidates`` > 0; built from the protocol's
     ``index`` otherwise).  ``comm`` splits each batch over processes (:mod:`qshift.parallel`).  The model's
     adaptable parameters are put back as they came when the run ends (or fails), so runs on one model
-    object never start from another run's adapted weights.
+    object never start from another run's adapted weights; ``keep_adapted=True`` leaves a finished run's
+    adapted parameters in the model (to probe it after the stream).
     """
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -299,7 +300,10 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
                           "first_domain_source": source_first,
                           "first_domain_delta_R@1": first_after["R@1"] - source_first["R@1"],
                           "first_domain_online": per_domain[first_domain_set.domain], "curve": forgetting_curve}
-    finally:
+    except BaseException:
+        method.reset()
+        raise
+    if not keep_adapted:
         method.reset()  # the model leaves the run with the parameters it came with
     adapted, total = _count(model)
     resets = sum(1 for b in batches if b.get("collapse_reset"))
