@@ -172,7 +172,17 @@ def build_index(gallery: torch.Tensor | np.ndarray, kind: str = EXACT, params: s
         index.train(arr[np.sort(rows)])
     index.add(arr)
     _set_params(faiss, index, params)
-    return GalleryIndex(g, kind, params, fp, index)
+    return GalleryIndex(g, kind, params, fp, _on_device(faiss, index, gallery))
+
+
+def _on_device(faiss, index, gallery: torch.Tensor | np.ndarray):
+    """The index on the gallery's GPU when the gallery is on one and FAISS is the GPU build (faiss-gpu);
+    else as it is (the CPU build searches on the CPU, and the results are moved to the gallery's device)."""
+    if isinstance(gallery, torch.Tensor) and gallery.is_cuda and hasattr(faiss, "StandardGpuResources"):
+        device = gallery.device.index or 0
+        log.info("FAISS index moved to cuda:%d", device)
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device, index)
+    return index
 
 
 def _is_ivf(faiss, index) -> bool:
@@ -215,8 +225,11 @@ def save_index(index: GalleryIndex, path: str | Path) -> Path:
     if index._faiss_index is not None:
         faiss = _faiss()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        cpu = index._faiss_index
+        if hasattr(faiss, "index_gpu_to_cpu") and type(cpu).__name__.startswith("Gpu"):
+            cpu = faiss.index_gpu_to_cpu(cpu)
         try:
-            faiss.write_index(index._faiss_index, str(tmp))
+            faiss.write_index(cpu, str(tmp))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -254,4 +267,4 @@ def load_index(path: str | Path, gallery: torch.Tensor | np.ndarray, params: str
     if index.ntotal != g.shape[0] or index.d != g.shape[1]:
         raise UserError(f"{path} indexes {index.ntotal} x {index.d}, the gallery is {tuple(g.shape)}")
     _set_params(faiss, index, params)
-    return GalleryIndex(g.detach().float(), meta["index"], params, fp, index)
+    return GalleryIndex(g.detach().float(), meta["index"], params, fp, _on_device(faiss, index, g))
