@@ -22,17 +22,20 @@ The rule, written down before the runs it is applied to (issue 28, item 2):
    item 4 rerun on it; until then the default is unchanged and this file's verdict is what is reported.
 
     python benchmarks/tune_rest_cost.py run       # resumable: one result JSON per run under --out
-    python benchmarks/tune_rest_cost.py report    # writes --out/README.md from the run files
+    python benchmarks/tune_rest_cost.py cost      # step_cost.py's interleaved timing of the variants → cost.json
+    python benchmarks/tune_rest_cost.py report    # writes --out/README.md from the run files and cost.json
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qshift.atomic import write_text_atomic
 from qshift.bench import world_data
@@ -40,9 +43,10 @@ from qshift.bench.backbone import world_identity
 from qshift.bench.registry import build_benchmark
 from qshift.data import streams, world
 from qshift.data.task import RetrievalTask, query_modality
-from qshift.engine import RunConfig, run_online
+from qshift.engine import RunConfig, environment, run_online
 from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.options import Protocol
+from qshift.retrieval.encode import encode_batched
 
 ONLINE = ["world-clean/i2t", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5", "world-c/t2i/keyboard/6"]
 DIVERSE = "val-diverse/i2t"
@@ -101,6 +105,23 @@ def run(out: Path) -> None:
             print(f"{bench:<32} {label:<36} R@1 {res.metrics['R@1']:.1f}", flush=True)
 
 
+def cost(out: Path, repeats: int = 7) -> None:
+    """Seconds per batch of the variants, interleaved in one process (benchmarks/step_cost.py)."""
+    spec = importlib.util.spec_from_file_location("step_cost", Path(__file__).with_name("step_cost.py"))
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    test = world.load_split("test")
+    model = WorldRetrievalModel(load_world_model(), "image")
+    gallery = encode_batched(model.encode_gallery, test.captions)
+    labels = ["source", *VARIANTS]
+    t = step_cost.time_methods(model, gallery, torch.as_tensor(test.caption_image), test.images(list(range(64))),
+                               labels, repeats)
+    step_cost.print_table(t)
+    write_text_atomic(out / "cost.json", json.dumps({"seconds": {k: {"min": v[0], "median": v[1]} for k, v in t.items()},
+                                                     "repeats": repeats, "batch": 64, "environment": environment()},
+                                                    indent=1))
+
+
 def report(out: Path) -> None:
     runs = {}
     for p in sorted((out / "runs").glob("*.json")):
@@ -136,6 +157,24 @@ def report(out: Path) -> None:
                          f"{s['diverse'] - base['diverse']:+.2f}, Δclean {s['clean_delta'] - base['clean_delta']:+.2f} "
                          f"against the default → {'keeps' if keeps else 'does not keep'} the default's accuracy "
                          f"(tolerances {TOLERANCE}).")
+    cost_file = out / "cost.json"
+    if cost_file.exists():
+        c = json.loads(cost_file.read_text())["seconds"]
+        lines += ["", "Step cost (`python benchmarks/tune_rest_cost.py cost`: the world model, i2t, B = 64, test "
+                  "images, the 10,000-caption gallery, interleaved repeats in one process):", "",
+                  "| variant | min s | median s | / TCR (min) | / TCR (median) |", "| --- | ---: | ---: | ---: | ---: |"]
+        for label, v in c.items():
+            lines.append(f"| {label} | {v['min']:.3f} | {v['median']:.3f} | {v['min'] / c['tcr']['min']:.2f} | "
+                         f"{v['median'] / c['tcr']['median']:.2f} |")
+        if "rest" in summary:
+            base = summary["rest"]
+            keep = [k for k, s in summary.items() if k.startswith("rest[")
+                    and all(s[m] >= base[m] - TOLERANCE[m] for m in TOLERANCE) and k in c]
+            if keep:
+                best = min(keep, key=lambda k: c[k]["median"])
+                lines += ["", f"The rule's candidate default: `{best}` (the cheapest variant that keeps the default's "
+                          "accuracy).  It becomes REST's default only with issue 28's test grids rerun on it; until "
+                          "then REST's default is unchanged."]
     any_run = next(iter(runs.values()))
     env = any_run["environment"]
     wall = sum(r["wall_seconds"] for r in runs.values())
@@ -148,10 +187,10 @@ def report(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=("run", "report"))
+    ap.add_argument("step", choices=("run", "cost", "report"))
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    (run if args.step == "run" else report)(args.out)
+    {"run": run, "cost": cost, "report": report}[args.step](args.out)
 
 
 if __name__ == "__main__":
