@@ -143,14 +143,18 @@ def test_summarise_default_keys_are_unchanged_and_medr_is_opt_in():
 
 def test_summarise_computes_every_metric_a_task_declares_except_the_pending_ones():
     ranks, aps = torch.tensor([0, 30, 60, 2]), torch.full((4,), 0.5, dtype=torch.float64)
+    subset_ranks = torch.tensor([0, 1, 4, 2])
     for task in T.TASKS.values():
         done = [m for m in task.metrics if m not in task.pending_metrics]
-        out = summarise(ranks, aps, metrics=done)
+        out = summarise(ranks, aps, metrics=done, subset_ranks=subset_ranks)
         assert set(done) <= set(out)
         for m in task.pending_metrics:
             with pytest.raises(ValueError, match=f"cannot compute '{m}'"):
                 summarise(ranks, aps, metrics=[m])
     assert summarise(ranks, aps, metrics=["R@50"])["R@50"] == 75.0
+    assert summarise(ranks, aps, metrics=["R_s@2"], subset_ranks=subset_ranks)["R_s@2"] == 50.0
+    with pytest.raises(ValueError, match="subset_ranks"):
+        summarise(ranks, aps, metrics=["R_s@1"])
 
 
 def test_retrieval_metrics_passes_metrics_through():

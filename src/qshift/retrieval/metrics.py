@@ -35,6 +35,7 @@ _MAX_COUNT_PASSES = 128
 _TILE_ELEMENTS = {"cpu": 1 << 20}
 _TILE_ELEMENTS_OTHER = 1 << 24
 _RECALL_NAME = re.compile(r"R@([1-9][0-9]*)")
+_SUBSET_RECALL_NAME = re.compile(r"R_s@([1-9][0-9]*)")
 
 
 def _check_shapes(scores: torch.Tensor, query_ids: torch.Tensor, gallery_ids: torch.Tensor) -> None:
@@ -163,13 +164,14 @@ def median_rank(ranks: torch.Tensor) -> float:
 
 
 def summarise(ranks: torch.Tensor, aps: torch.Tensor, ks: tuple[int, ...] = DEFAULT_KS,
-              metrics: Sequence[str] | None = None) -> dict[str, float]:
+              metrics: Sequence[str] | None = None, subset_ranks: torch.Tensor | None = None) -> dict[str, float]:
     """Metrics from per-query ranks and APs (same keys as ``retrieval_metrics``).
 
     ``metrics`` (opt-in, e.g. a task's ``Task.metrics``) adds the named metrics that the default keys
     lack: ``"MedR"`` (:func:`median_rank`, in ranks, not percent) and ``"R@K"`` for a K outside ``ks``;
     names already among the default keys are left as they are.  A name these ranks cannot give (CIRR's
-    subset recall ``R_s@K`` needs each query's group) raises ``ValueError``.
+    subset recall ``R_s@K`` needs each query's rank within its group, ``subset_ranks``, from
+    :func:`qshift.retrieval.cir_metrics.cir_ranks`) raises ``ValueError``.
     """
     if ranks.numel() == 0:
         raise ValueError("no queries to summarise")
@@ -180,13 +182,19 @@ def summarise(ranks: torch.Tensor, aps: torch.Tensor, ks: tuple[int, ...] = DEFA
         if name in out:
             continue
         recall = _RECALL_NAME.fullmatch(name)
-        if name == "MedR":
+        subset = _SUBSET_RECALL_NAME.fullmatch(name)
+        if subset and subset_ranks is not None:
+            out[name] = 100.0 * (torch.as_tensor(subset_ranks) < int(subset.group(1))).double().mean().item()
+        elif name == "MedR":
             out[name] = median_rank(ranks)
         elif recall:
             out[name] = 100.0 * (ranks < int(recall.group(1))).double().mean().item()
+        elif subset:
+            raise ValueError(f"summarise cannot compute {name!r} without each query's rank within its group "
+                             "(subset_ranks, from qshift.retrieval.cir_metrics.cir_ranks)")
         else:
             raise ValueError(f"summarise cannot compute {name!r} from ranks and APs; it computes R@K, mAP, "
-                             "R-mean and MedR")
+                             "R-mean, MedR and, given subset_ranks, R_s@K")
     return out
 
 
