@@ -294,3 +294,16 @@ def test_a_top_k_run_records_ranks_and_top_rows_and_matches_the_exact_run(shippe
         assert a["top"] == b["top"]
         assert [r for r in a["ranks"] if r < 20] == [r for r in b["ranks"] if r < 20]
     assert top.metrics["mAP"] <= exact.metrics["mAP"] + 1e-9
+
+
+def test_index_settings_fail_before_any_work():
+    from qshift.engine import parse_settings
+
+    with pytest.raises(UserError, match="could not parse"):
+        parse_settings("tcr", ["candidates=10", "index=NotAnIndex"])
+    with pytest.raises(UserError, match="no search parameters"):
+        parse_settings("tcr", ["candidates=10", "index_params=nprobe=4"])
+    with pytest.raises(ValueError, match="needs the whole gallery"):
+        parse_settings("oracle", ["candidates=10"])
+    cfg = parse_settings("rest", ["candidates=10", "index=IVF8,Flat", "index_params=nprobe=2"])
+    assert cfg.protocol.candidates == 10 and cfg.protocol.index == "IVF8,Flat"

@@ -207,6 +207,12 @@ def _print_run(result, method: str, benchmark: str) -> None:
     console.print(f"protocol: B = {c['batch_size']}, {c['steps']} inner steps, { {'adamw': 'AdamW', 'sgd': 'SGD'}.get(c['optimizer'], c['optimizer'])} lr {c['lr']:g}, weight decay "
                   f"{c['weight_decay']:g}, scoring {c['scoring']}, reset {c['reset']}, query order seed {c['seed']}",
                   markup=False, highlight=False)
+    if result.search:
+        s = result.search
+        console.print(f"search: each query against its top-{s['candidates']} of {s['ntotal']:,} from index "
+                      f"{s['index']}{' (' + s['index_params'] + ')' if s['index_params'] else ''}, "
+                      f"{'exact' if s['exact'] else 'approximate'}; mAP and MedR are bounds "
+                      "(docs/large-galleries.md)", markup=False, highlight=False)
     if c["reset"] == "on-collapse":
         console.print(f"collapse guard: fired {result.collapse_resets} time(s) (window {c['collapse_window']} "
                       f"batches, ratio {c['collapse_ratio']:g})", markup=False, highlight=False)

@@ -32,7 +32,7 @@ from qshift.errors import UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EXACT", "GalleryIndex", "build_index", "embeddings_fingerprint", "index_paths", "load_index",
+__all__ = ["EXACT", "GalleryIndex", "build_index", "check_index_spec", "embeddings_fingerprint", "index_paths", "load_index",
            "save_index", "faiss_available"]
 
 EXACT = "exact"
@@ -137,6 +137,22 @@ class GalleryIndex:
         """What a result file records about the search."""
         return {"index": self.kind, "index_params": self.params, "ntotal": self.ntotal, "exact": self.is_exact,
                 "fingerprint": self.fingerprint}
+
+
+def check_index_spec(kind: str, params: str = "") -> None:
+    """Fail early (``UserError``) on an index that cannot be built whatever the gallery: FAISS missing, a
+    factory string FAISS cannot parse, or search parameters for the exact search.  What depends on the
+    gallery (its dimension, too few rows to train on) is checked when the index is built."""
+    if kind == EXACT:
+        if params:
+            raise UserError(f"index=exact takes no search parameters, got index_params={params!r}")
+        return
+    faiss = _faiss()
+    try:
+        faiss.index_factory(256, kind, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        if "could not parse" in str(e):
+            raise UserError(f"FAISS cannot build index {kind!r}: {_first_line(e)}") from e
 
 
 def build_index(gallery: torch.Tensor | np.ndarray, kind: str = EXACT, params: str = "", *, seed: int = 0,
