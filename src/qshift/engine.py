@@ -28,7 +28,7 @@ from qshift.methods.base import method_class, method_options, resolved_options
 from qshift.models.protocol import RetrievalModel, default_lr
 from qshift.options import Protocol, parse_text
 from qshift.parallel import LOCAL, encode_sharded
-from qshift.retrieval.index import GalleryIndex, check_index_spec
+from qshift.retrieval.index import GalleryIndex
 from qshift.retrieval.metrics import (
     candidate_ranks_and_ap,
     per_query_ranks_and_ap,
@@ -56,11 +56,7 @@ class RunConfig:
         if not isinstance(self.protocol, Protocol):
             raise TypeError(f"protocol must be a qshift.options.Protocol, got {type(self.protocol).__name__}")
         method_options(self.method, self.method_options)
-        if self.protocol.candidates:
-            if not method_class(self.method).supports_candidates:
-                raise ValueError(f"method {self.method!r} needs the whole gallery and cannot run with candidates="
-                                 f"{self.protocol.candidates}; use candidates=0")
-            check_index_spec(self.protocol.index, self.protocol.index_params)
+        method_class(self.method).check_protocol(self.protocol)
 
     def record(self, model: RetrievalModel) -> dict[str, Any]:
         """What a result file records of its config: the protocol's knobs flat, the learning rate resolved

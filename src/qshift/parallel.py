@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from qshift.errors import UserError
+from qshift.retrieval.encode import encode_batched
 
 __all__ = ["Communicator", "Distributed", "LOCAL", "encode_sharded", "from_environment"]
 
@@ -167,8 +168,5 @@ def encode_sharded(encode: Callable[[Any], torch.Tensor], items: Sequence, comm:
     if start == stop:  # more ranks than items: encode one to learn the shape, contribute no rows
         local = encode(items[:1])[:0]
     else:
-        local = torch.cat([encode(items[s:min(s + batch_size, stop)]) for s in range(start, stop, batch_size)])
-    out = comm.gather_rows(local)
-    if not bool(torch.isfinite(out).all()):
-        raise FloatingPointError("non-finite embeddings while encoding")
-    return out
+        local = encode_batched(encode, items[start:stop], batch_size)  # checks the share is finite
+    return comm.gather_rows(local)

@@ -22,7 +22,7 @@ from qshift.methods.guard import CollapseGuard
 from qshift.models.protocol import RetrievalModel, default_lr
 from qshift.options import SCORING_MODES, Options, Protocol, split_protocol
 from qshift.parallel import LOCAL, Communicator
-from qshift.retrieval.index import GalleryIndex, build_index
+from qshift.retrieval.index import GalleryIndex, build_index, check_index_spec
 
 __all__ = ["Method", "StepOutput", "SCORING_MODES", "available_methods", "create", "method_class", "method_options",
            "register", "resolved_options"]
@@ -135,12 +135,21 @@ class Method:
                       if self.protocol.reset == "on-collapse" and self.adapts else None)
         self.setup()
 
+    @classmethod
+    def check_protocol(cls, protocol: Protocol) -> None:
+        """What can be refused of ``protocol`` for this method before any data is built: top-K candidates
+        for a method that needs the whole gallery, an index FAISS cannot build."""
+        if not protocol.candidates:
+            return
+        if not cls.supports_candidates:
+            raise UserError(f"method {cls.name!r} needs the whole gallery and cannot run with candidates="
+                            f"{protocol.candidates}; use candidates=0")
+        check_index_spec(protocol.index, protocol.index_params)
+
     def _make_index(self, index: GalleryIndex | None) -> GalleryIndex | None:
         if not self.candidates:
             return None
-        if not self.supports_candidates:
-            raise UserError(f"method {self.name!r} needs the whole gallery and cannot run with candidates="
-                            f"{self.candidates}; use candidates=0")
+        self.check_protocol(self.protocol)
         n = self.gallery.shape[0]
         if self.candidates > n:
             raise UserError(f"candidates={self.candidates} is more than the gallery's {n} items")
