@@ -155,15 +155,7 @@ class REST(TCR):
         self._items = items
         self._g_gen = None
         if self.decoupling and self.signal == "anchor" and self.lambda_a > 0:
-            with torch.no_grad():
-                current = [p.detach().clone() for p in self.params]
-                for p, s in zip(self.params, self.source_state):
-                    p.copy_(s)
-                try:
-                    self._z_source = self.encode(items).detach()
-                finally:
-                    for p, c in zip(self.params, current):
-                        p.copy_(c)
+            self._z_source = self.source_embeddings(items)
 
     def _consistency(self, z, c, idx_groups, h, mask, e_m):
         if self.consistency == "off" or not bool(mask.any()):
