@@ -7,8 +7,16 @@ items stay distinct but wrong); a second version added top-10 containment, top-1
 source-confidence-weighted containment, and its first val runs showed TCR on gaussian_noise/5 (R@1 25.9
 against the source's 10.5) leaving the source's top 10 for 92 % of its queries, as far as Tent does on clean
 queries.  So the guard now also records ``plausible`` (the adapted top-1 scored by the source within one
-standard deviation of its own top-1), five signals in all (``qshift.methods.guard``), and the rule chooses
-among them, on val only:
+standard deviation of its own top-1), five signals in all.  Its val runs and test measurement (the
+previous results/collapse-guard/README.md, in git history) chose ``plausible`` at 0.45, which flagged none
+of the collapsed val windows and never fired on test: every top-1 signal is as low for TCR's legitimate
+departure from a wrong source ranking under heavy noise as for Tent's drift from a right one.  A third
+version (this one) adds ``spread`` — the adapted queries' mean pairwise cosine distance over the source's on
+the same batch — after a val-only exploration showed collapsing runs pulling their queries together
+(0.78–0.81 over the last windows of Tent, SAR and ETA on clean val queries) while TCR and REST keep or widen
+it (≥ 1.0; 2.5 for TCR on gaussian_noise/5), and loosens the margin of step 2 from 20 % to 10 % because the
+signals are ratios whose healthy value is near 1 and whose collapsed value is a few tenths below it.  Six
+signals in all (``qshift.methods.guard``); the rule chooses among them, on val only:
 
 1. **Observe** (val split, 640 queries each of ``world-clean/i2t``, ``world-c/i2t/gaussian_noise/5``,
    ``world-c/i2t/contrast/5``, ``world-c/t2i/keyboard/6``): run the source model, TCR and REST (methods
@@ -17,10 +25,11 @@ among them, on val only:
 2. **Choose**: the window is fixed a priori at 4 batches (256 queries at B = 64: enough to average out
    one odd batch, short enough to stop a collapse within a few batches).  A 4-batch window of a run is
    *collapsed* when its mean R@1 is below half the source model's on the same batches (labels are used
-   here, on val, and nowhere else).  For each signal the threshold is 0.8 × the lowest 4-batch mean any
-   TCR or REST run reached (the healthy floor, less a 20 % margin), rounded down to 0.05 and at most
+   here, on val, and nowhere else).  For each signal the threshold is 0.9 × the lowest 4-batch mean any
+   TCR or REST run reached (the healthy floor, less a 10 % margin), rounded down to 0.05 and at most
    0.9; its score is the share of collapsed windows it flags minus the share of the other windows
-   (all methods) it flags.  The signal with the best score wins (ties: in the order plausible, confident, containment, agreement, diversity).
+   (all methods) it flags.  The signal with the best score wins (ties: in the order spread, plausible, confident, containment,
+   agreement, diversity).
 3. **Measure** (test split, once, after the choice): Tent and SAR with ``reset=never`` and with
    ``reset=on-collapse`` on ``world-clean/i2t`` and ``world-c/i2t/gaussian_noise/5``, 1,024 queries each
    (online R@1 and how
@@ -51,7 +60,7 @@ from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.options import Protocol
 
 VAL_STREAMS = ["world-clean/i2t", "world-c/i2t/gaussian_noise/5", "world-c/i2t/contrast/5", "world-c/t2i/keyboard/6"]
-SIGNALS = ("plausible", "confident", "containment", "agreement", "diversity")
+SIGNALS = ("spread", "plausible", "confident", "containment", "agreement", "diversity")
 HEALTHY = ["tcr", "rest"]
 PRONE = ["tent", "sar", "eta"]
 WINDOW = 4
@@ -104,7 +113,7 @@ def choose(out: Path) -> dict:
     table = {}
     for sig in SIGNALS:
         floor = min(min(_window_means(r["signals"][sig], WINDOW)) for r in adapting if r["method"] in HEALTHY)
-        thr = min(0.9, math.floor(0.8 * floor / 0.05) * 0.05)
+        thr = min(0.9, math.floor(0.9 * floor / 0.05 + 1e-9) * 0.05)
         hit = miss = alarm = calm = 0
         for r in adapting:
             for s_mean, r1, src in zip(_window_means(r["signals"][sig], WINDOW), _window_means(r["batch_r1"], WINDOW),

@@ -18,7 +18,7 @@ from qshift.data import world
 from qshift.engine import RunConfig, parse_settings, result_filename, run_online
 from qshift.errors import NonFiniteError, UserError
 from qshift.methods import create
-from qshift.methods.guard import CollapseGuard, distinct_top1, signals
+from qshift.methods.guard import CollapseGuard, distinct_top1, signals, spread
 from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel
 from qshift.options import Protocol
 
@@ -343,19 +343,39 @@ def test_the_guard_signals():
         CollapseGuard(window=2, ratio=0.5, signal="vibes")
 
 
+def test_the_spread_signal_sees_queries_pulled_together_and_pushed_apart():
+    torch.manual_seed(0)
+    zs = torch.nn.functional.normalize(torch.randn(16, 12), dim=1)
+    gallery = torch.nn.functional.normalize(torch.randn(30, 12), dim=1)
+    common = torch.nn.functional.normalize(torch.randn(1, 12), dim=1)
+    pulled = torch.nn.functional.normalize(zs + 2.0 * common, dim=1)  # a collapse towards one direction
+    kw = {"z_source": zs}
+    assert spread(zs) == pytest.approx(1 - float((zs @ zs.T).fill_diagonal_(0).sum()) / (16 * 15))
+    assert signals(zs @ gallery.T, zs @ gallery.T, z_adapted=zs, **kw)["spread"] == pytest.approx(1.0)
+    assert signals(pulled @ gallery.T, zs @ gallery.T, z_adapted=pulled, **kw)["spread"] < 0.5
+    # adaptation that separates noise-blurred source queries again reads above 1
+    assert signals(zs @ gallery.T, pulled @ gallery.T, z_adapted=zs, z_source=pulled)["spread"] > 2.0
+    assert signals(zs @ gallery.T, zs @ gallery.T)["spread"] == 1.0  # no embeddings: no evidence
+    g = CollapseGuard(window=2, ratio=0.9, signal="spread")
+    assert not g.observe(zs @ gallery.T, zs @ gallery.T, z_adapted=zs, **kw)["collapsed"]
+    assert g.observe(pulled @ gallery.T, zs @ gallery.T, z_adapted=pulled, **kw)["collapsed"]
+    assert g.fired == 1 and CollapseGuard(window=1, ratio=0.5).signal == "spread"
+
+
 @pytest.mark.slow
 def test_the_guard_fires_on_a_collapsing_tent_and_resets_to_source(shipped_model, world_split):
     model = WorldRetrievalModel(shipped_model, "image")  # trained: its source top-1 is diverse
     gallery = model.encode_gallery(world_split.captions)
     imgs = world_split.images()
-    m = create("tent", model, gallery, lr=0.5, reset="on-collapse", collapse_window=2, collapse_ratio=0.6)
+    m = create("tent", model, gallery, lr=0.5, reset="on-collapse", collapse_window=2)  # default signal, threshold
+    assert (m.guard.signal, m.guard.ratio) == ("spread", Protocol().collapse_ratio)
     try:
         fired, ratios = [], []
         for k in range(8):
             _, rec = m.adapt_batch(imgs[(8 * k) % 32: (8 * k) % 32 + 8])
             fired.append(rec.get("collapse_reset", False))
-            ratios.append(rec["guard"]["containment"])
-        assert min(ratios) <= 0.25 and any(fired) and m.guard.fired == sum(fired)
+            ratios.append(rec["guard"]["spread"])
+        assert min(ratios) < m.guard.ratio and any(fired) and m.guard.fired == sum(fired)
         assert m.batches_seen == 8  # the counters survive the resets
         # the same collapse with the guard off: nothing resets
         m_off = create("tent", model, gallery, lr=0.5)

@@ -14,6 +14,7 @@ import platform
 import resource
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 import qshift
 from qshift.atomic import write_text_atomic
+from qshift.data.task import QueryRelevance, task_of
 from qshift.methods import create
 from qshift.methods.base import method_class, method_options, resolved_options
 from qshift.models.protocol import RetrievalModel, default_lr
@@ -199,27 +201,72 @@ def _count(model: RetrievalModel) -> tuple[int, int]:
     return adapted, total
 
 
-def batch_ranks(method, scores: torch.Tensor, labels: torch.Tensor,
-                gallery_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query ranks and APs of scores the method just returned (whole-gallery rows, or top-K
-    candidates: :func:`qshift.retrieval.metrics.candidate_ranks_and_ap`)."""
-    if method.last_cols is None:
-        return per_query_ranks_and_ap(scores.cpu(), labels, gallery_ids)
-    r, a = candidate_ranks_and_ap(scores, method.last_cols, labels.to(scores.device), gallery_ids)
-    return r.cpu(), a.cpu()
+def batch_ranks(method, scores: torch.Tensor, labels: torch.Tensor, gallery_ids: torch.Tensor,
+                relevance: QueryRelevance | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-query ranks, APs and (with ``relevance.subsets``) ranks within the query's group, of scores the
+    method just returned (whole-gallery rows, or top-K candidates:
+    :func:`qshift.retrieval.metrics.candidate_ranks_and_ap`); ``relevance.exclude`` rows are taken out of
+    the ranking first (CIRR's reference image)."""
+    cols = method.last_cols
+    sub = None
+    if relevance is not None:
+        ids = labels.cpu().numpy()
+        if relevance.exclude is not None:
+            ex = torch.as_tensor(relevance.exclude[ids], device=scores.device).long()
+            if cols is None:
+                hit = torch.zeros_like(scores, dtype=torch.bool)
+                ok = ex >= 0
+                hit[torch.arange(len(ex), device=scores.device)[ok], ex[ok]] = True
+            else:
+                hit = cols == ex[:, None]
+            scores = scores.masked_fill(hit, float("-inf"))
+        if relevance.subsets is not None:
+            rows = torch.as_tensor(relevance.subsets[ids], device=scores.device).long()
+            sub = _subset_ranks(scores, cols, rows, labels.to(scores.device), gallery_ids.to(scores.device)).cpu()
+    if cols is None:
+        r, a = per_query_ranks_and_ap(scores.cpu(), labels, gallery_ids)
+        return r, a, sub
+    r, a = candidate_ranks_and_ap(scores, cols, labels.to(scores.device), gallery_ids)
+    return r.cpu(), a.cpu(), sub
+
+
+def _subset_ranks(scores: torch.Tensor, cols: torch.Tensor | None, rows: torch.Tensor, labels: torch.Tensor,
+                  gallery_ids: torch.Tensor) -> torch.Tensor:
+    """Each query's rank of its positive among its group ``rows`` [B, S] (-1 padding), ties against the
+    query; in top-K mode a member outside the candidates scores -inf (so the rank is a bound)."""
+    valid = rows >= 0
+    safe = rows.clamp_min(0)
+    if cols is None:
+        member = scores.gather(1, safe)
+    else:
+        match = cols[:, None, :] == safe[:, :, None]
+        member = torch.where(match, scores[:, None, :], torch.full_like(scores[:, None, :], float("-inf"))).amax(2)
+    member = member.masked_fill(~valid, float("nan"))
+    positive = (gallery_ids[safe] == labels[:, None]) & valid
+    if not bool(positive.any(1).all()):
+        raise ValueError("a query's group does not hold its positive (QueryRelevance.subsets)")
+    target = torch.where(positive, member, torch.full_like(member, float("-inf"))).amax(1, keepdim=True)
+    above = (member >= target) & valid & ~positive  # NaN padding compares False
+    return above.sum(1)
 
 
 @torch.no_grad()
-def _probe(method, queries, gallery_ids, batch_size: int = 256) -> dict[str, float]:
+def _probe(method, queries, gallery_ids, batch_size: int = 256, relevance: QueryRelevance | None = None,
+           metrics: tuple[str, ...] = ()) -> dict[str, float]:
     """Metrics of the method's current parameters on ``queries`` without adapting."""
     ids = torch.as_tensor(queries.ids)
-    ranks, aps = [], []
+    ranks, aps, subs = [], [], []
     for s in range(0, len(queries.items), batch_size):
         scores = method.scores(queries.items[s:s + batch_size])
-        r, a = batch_ranks(method, scores, ids[s:s + batch_size], gallery_ids)
+        r, a, sub = batch_ranks(method, scores, ids[s:s + batch_size], gallery_ids, relevance)
         ranks.append(r)
         aps.append(a)
-    return summarise(torch.cat(ranks), torch.cat(aps))
+        subs.append(sub)
+    return summarise(torch.cat(ranks), torch.cat(aps), metrics=metrics, subset_ranks=_cat(subs))
+
+
+def _cat(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if not parts or parts[0] is None else torch.cat(parts)
 
 
 def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = True,
@@ -255,17 +302,20 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
         stream = task.stream(batch_size=cfg.protocol.batch_size, seed=cfg.seed)
         sequential = stream.kind == "sequential"
         clean = getattr(task, "clean_queries", None)
-        source_clean = _probe(method, clean, gallery_ids) if (clean is not None and sequential) else None
+        relevance = getattr(task, "relevance", None)
+        names = task_of(task.direction).metrics
+        probe = partial(_probe, gallery_ids=gallery_ids, relevance=relevance, metrics=names)
+        source_clean = probe(method, clean) if (clean is not None and sequential) else None
         first_domain_set = task.query_sets[int(stream.order[0, 0])]
-        source_first = _probe(method, first_domain_set, gallery_ids) if sequential else None
-        ranks, aps, domains, batches = [], [], [], []
+        source_first = probe(method, first_domain_set) if sequential else None
+        ranks, aps, subs, domains, batches = [], [], [], [], []
         forgetting_curve = []
         prev_domain = None
         for batch in tqdm(stream, total=len(stream), desc=f"{cfg.method} on {task.name}", disable=not progress):
             dom = batch.domains[0]
             if sequential and prev_domain is not None and dom != prev_domain:
                 if source_clean is not None:
-                    forgetting_curve.append({"after": prev_domain, **_delta(_probe(method, clean, gallery_ids), source_clean)})
+                    forgetting_curve.append({"after": prev_domain, **_delta(probe(method, clean), source_clean)})
                 if cfg.protocol.reset == "reset_each_domain":
                     method.reset()
             if cfg.protocol.reset == "episodic":
@@ -273,7 +323,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
             prev_domain = dom
             labels = torch.as_tensor(batch.ids)
             scores, rec = method.adapt_batch(batch.items, labels=labels.to(gallery.device) if method.uses_labels else None)
-            r, a = batch_ranks(method, scores, labels, gallery_ids)
+            r, a, sub = batch_ranks(method, scores, labels, gallery_ids, relevance)
+            subs.append(sub)
             rec["ranks"] = r.tolist()  # each query's first-positive rank, and its best gallery rows: never score rows
             rec["top"] = method.top(scores, RECORD_TOP)[0].cpu().tolist()
             ranks.append(r)
@@ -284,18 +335,19 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
             rec["size"] = len(batch)
             rec["R@1"] = 100.0 * float((r < 1).double().mean())
             batches.append(rec)
-        ranks_t, aps_t = torch.cat(ranks), torch.cat(aps)
-        metrics = summarise(ranks_t, aps_t)
+        ranks_t, aps_t, subs_t = torch.cat(ranks), torch.cat(aps), _cat(subs)
+        metrics = summarise(ranks_t, aps_t, metrics=names, subset_ranks=subs_t)
         dom_arr = np.asarray(domains)
         per_domain = {}
         for d in dict.fromkeys(domains):
             sel = torch.as_tensor(dom_arr == d)
-            per_domain[d] = summarise(ranks_t[sel], aps_t[sel])
+            per_domain[d] = summarise(ranks_t[sel], aps_t[sel], metrics=names,
+                                      subset_ranks=None if subs_t is None else subs_t[sel])
         forgetting = None
         if source_clean is not None:
-            after = _probe(method, clean, gallery_ids)
+            after = probe(method, clean)
             forgetting_curve.append({"after": prev_domain, **_delta(after, source_clean)})
-            first_after = _probe(method, first_domain_set, gallery_ids)
+            first_after = probe(method, first_domain_set)
             forgetting = {"clean_after": after, "clean_source": source_clean, "clean_delta_R@1": after["R@1"] - source_clean["R@1"],
                           "first_domain": first_domain_set.domain, "first_domain_after": first_after,
                           "first_domain_source": source_first,

@@ -23,7 +23,7 @@ T = TypeVar("T", bound="Options")
 SCORING_MODES = ("pre", "tcr", "post")
 RESETS = ("never", "episodic", "reset_each_domain", "on-collapse")
 OPTIMIZERS = ("adamw", "sgd")
-COLLAPSE_SIGNALS = ("plausible", "confident", "containment", "agreement", "diversity")  # qshift.methods.guard
+COLLAPSE_SIGNALS = ("spread", "plausible", "confident", "containment", "agreement", "diversity")  # qshift.methods.guard
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
@@ -195,16 +195,17 @@ class Protocol(Options):
                                  "collapse guard fires (`on-collapse`, label-free: qshift.methods.guard)",
                         choices=RESETS)
     optimizer: str = option("adamw", "optimizer of the adapted parameters", choices=OPTIMIZERS)
-    collapse_window: int = option(4, "batches the collapse guard averages its diversity ratio over "
+    collapse_window: int = option(4, "batches the collapse guard averages its signal over "
                                      "(with reset=on-collapse)", minimum=1, maximum=1000)
-    collapse_signal: str = option("plausible", "what the collapse guard watches (qshift.methods.guard): the share "
-                                               "of adapted top-1 items the source model scores within 1 sd of its "
-                                               "own top-1 (`plausible`), or in the source's top 10, weighted by "
-                                               "the source's confidence (`confident`) or not (`containment`), the "
-                                               "share equal to the source's top-1 (`agreement`), or distinct top-1 "
-                                               "items over the source's (`diversity`)",
+    collapse_signal: str = option("spread", "what the collapse guard watches (qshift.methods.guard): the adapted "
+                                            "queries' mean pairwise cosine distance over the source's (`spread`), "
+                                            "the share of adapted top-1 items the source model scores within 1 sd "
+                                            "of its own top-1 (`plausible`), or in the source's top 10, weighted "
+                                            "by the source's confidence (`confident`) or not (`containment`), the "
+                                            "share equal to the source's top-1 (`agreement`), or distinct top-1 "
+                                            "items over the source's (`diversity`)",
                                   choices=COLLAPSE_SIGNALS)
-    collapse_ratio: float = option(0.45, "the guard resets when its signal, averaged over the window, falls below "
+    collapse_ratio: float = option(0.85, "the guard resets when its signal, averaged over the window, falls below "
                                          "this", minimum=0.0, maximum=1.0)
     momentum: float = option(0.9, "SGD momentum (with optimizer `sgd`)", minimum=0.0)
     candidates: int = option(0, "score each query against its K nearest gallery items from the gallery index "

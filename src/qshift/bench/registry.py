@@ -1,6 +1,7 @@
 """The benchmark-family registry: the only code that parses a benchmark name.
 
-A family is one registration (:func:`register_family`, in src/qshift/bench/families.py): a name
+A family is one registration (:func:`register_family`, in src/qshift/bench/families.py, or
+src/qshift/bench/cir_families.py for composed retrieval): a name
 pattern with ``{placeholders}`` and each placeholder's allowed values, its builder, the direction its
 benchmarks belong to, and how reports show it — a table title and a column per benchmark, the summary
 column its mean goes to, or none of those for a stream family (diverse shift, reported per domain order).
@@ -116,6 +117,7 @@ def families() -> list[Family]:
 
 def _load() -> None:
     from qshift.bench import families as _  # noqa: F401  (registers the built-in families; imports this module)
+    from qshift.bench import cir_families as _cir  # noqa: F401  (the composed-retrieval families)
 
 
 def resolve(name: str, dataset_name: str | None = None) -> tuple[Family, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""``qshift train-world-model``: train (or fine-tune) the embedded world's source model."""
+"""``qshift train-world-model`` (train or fine-tune the embedded world's source model) and ``qshift train-cir-model``
+(train the CIR world's combiner on the frozen world towers)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -89,3 +90,51 @@ def train_world_model_cmd(
                               if k == "zero_unseen_pieces"
                               else f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()]))
     console.print(f"weights: {out}\nmodel card: {card_path}")
+
+
+@app.command("train-cir-model")
+def train_cir_model_cmd(
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the combiner weights (.pt) and the model card "
+                                                     "(.md beside it); default: the package's shipped "
+                                                     "cir_combiner.pt.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the combiner's initialisation, batches and augmentation.")] = 0,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the cached train features (the best on "
+                                                              "val is kept).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2, help="Queries per InfoNCE batch.")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=1e-4, help="Fixed InfoNCE temperature.")] = None,
+    train_queries: Annotated[Optional[int], typer.Option(min=1, help="Use the first N of the 10,000 train "
+                                                                     "queries.")] = None,
+    hard_negatives: Annotated[Optional[int], typer.Option(min=0, max=5, help="Near-duplicates of each target used "
+                                                                             "as hard negatives.")] = None,
+    typo_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Per-word misspelling probability of "
+                                                                           "the typo text variant (0: none).")] = None,
+    reword: Annotated[Optional[bool], typer.Option("--reword/--no-reword", help="Also train on each text re-worded "
+                                                   "in the source template families.")] = None,
+    render_workers: Annotated[Optional[int], typer.Option(min=0, help="Processes rendering the scenes (0: in this "
+                                                                      "one).")] = None,
+    world_weights: Annotated[Optional[Path], typer.Option(help="The frozen world dual encoder (default: the "
+                                                               "shipped one).")] = None,
+) -> None:
+    """Train the CIR world's combiner on the frozen world towers, as the shipped one was trained, and write its
+    model card."""
+    from dataclasses import replace
+
+    from qshift.models.cir_model import shipped_combiner_path
+    from qshift.train.cir_training import CIRTrainConfig, train_cir_model
+
+    overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
+                                   "train_queries": train_queries, "hard_negatives": hard_negatives,
+                                   "typo_p": typo_p, "reword": reword, "render_workers": render_workers,
+                                   "world_weights": str(world_weights) if world_weights else None}.items()
+                 if v is not None}
+    if world_weights is not None and not world_weights.is_file():
+        raise typer.BadParameter(f"--world-weights: no file at {world_weights}")
+    cfg = replace(CIRTrainConfig(seed=seed), **overrides)
+    target = out if out is not None else shipped_combiner_path()
+    command = "qshift train-cir-model " + " ".join(
+        [f"--seed {seed}"] + [("--reword" if v else "--no-reword") if k == "reword" else f"--{k.replace('_', '-')} {v}"
+                              for k, v in overrides.items()] + ([f"--out {out}"] if out is not None else []))
+    _, record = train_cir_model(cfg, out=target, log=lambda s: console.print(s), command=command)
+    console.print(f"weights: {target} ({record['weights']['bytes'] / 1e6:.1f} MB)\n"
+                  f"model card: {target.with_suffix('.md')}")

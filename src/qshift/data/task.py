@@ -147,9 +147,26 @@ def check_served(direction: str, tasks: Iterable[str], server: str) -> Direction
     return d
 
 
+@dataclass(frozen=True)
+class QueryRelevance:
+    """What a query's id alone does not say about its ranking, indexed by query id: ``exclude`` [n_ids]
+    (a gallery row removed from the query's ranking, -1 for none — CIRR's reference image) and
+    ``subsets`` [n_ids, S] (the gallery rows of the query's group, -1 padding — CIRR's subset recall)."""
+
+    exclude: np.ndarray | None = None
+    subsets: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.exclude is not None and np.asarray(self.exclude).ndim != 1:
+            raise ValueError("QueryRelevance.exclude must be one gallery row per query id")
+        if self.subsets is not None and np.asarray(self.subsets).ndim != 2:
+            raise ValueError("QueryRelevance.subsets must be [n_ids, S] gallery rows")
+
+
 @dataclass
 class RetrievalTask:
-    """What a benchmark resolves to: query sets (one per domain), a frozen gallery, how to stream."""
+    """What a benchmark resolves to: query sets (one per domain), a frozen gallery, how to stream, and
+    (``relevance``) rows a query's ranking excludes or its subset metrics read."""
 
     name: str
     direction: str
@@ -160,6 +177,7 @@ class RetrievalTask:
     domain_order: list[int] | None = None
     clean_queries: streams.QuerySet | None = None
     meta: dict = field(default_factory=dict)
+    relevance: QueryRelevance | None = None
 
     @property
     def query_modality(self) -> str:

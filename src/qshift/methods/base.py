@@ -309,12 +309,12 @@ class Method:
     @torch.no_grad()
     def _watch(self, items: Any, scores: torch.Tensor, record: dict) -> None:
         """The collapse guard's step: compare with the source model on this batch; reset if it fires."""
+        z_adapted, z_src = self.encode(items), self.source_embeddings(items)
         if self.index is None:
-            signal = self.guard.observe(scores, self.source_scores(items))
+            signal = self.guard.observe(scores, self._sims(z_src)[0], z_adapted=z_adapted, z_source=z_src)
         else:
             # top-K mode: both models scored on the union of the adapted and the source candidates, the
             # source's score statistics over the whole gallery from the gallery's moments
-            z_src = self.source_embeddings(items)
             src_rows = self.search(z_src)
             rows = torch.cat([self.last_cols, src_rows], 1)
             dup = torch.zeros_like(rows, dtype=torch.bool)
@@ -326,7 +326,7 @@ class Method:
             zs = z_src.double()
             mean, std = zs @ mu, torch.einsum("bd,de,be->b", zs, cov, zs).clamp_min(0).sqrt()
             signal = self.guard.observe(adapted, source, rows=rows, source_mean=mean.to(scores.dtype),
-                                        source_std=std.to(scores.dtype))
+                                        source_std=std.to(scores.dtype), z_adapted=z_adapted, z_source=z_src)
         record["guard"] = signal
         if signal["collapsed"]:
             fired, seen = self.guard.fired, self.batches_seen

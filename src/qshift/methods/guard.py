@@ -2,8 +2,13 @@
 
 Entropy-minimising methods can collapse on a stream: R@1 falls towards zero within a few batches while
 the adapted model keeps answering confidently.  The guard compares, on every batch, the adapted model's
-ranking with the source model's on the same queries (one extra forward without gradients, at the source
-parameters) through one of five label-free signals:
+ranking and embeddings with the source model's on the same queries (two extra forwards without gradients:
+the current and the source parameters) through one of six label-free signals:
+
+- ``spread`` — how far apart the batch's query embeddings are (their mean pairwise cosine distance) under
+  the adapted model, over the same under the source model: entropy minimisation that collapses pulls the
+  queries together (below 1) even while their top-1 items stay distinct, whereas adaptation that repairs a
+  severe shift (TCR on heavy noise) pushes the noise-blurred queries apart (above 1);
 
 - ``plausible`` — the share of queries whose adapted top-1 the source model scores within
   :data:`PLAUSIBLE_Z` standard deviations (of its scores for that query) of its own top-1: where the
@@ -18,7 +23,7 @@ parameters) through one of five label-free signals:
 - ``diversity`` — distinct top-1 items of the adapted model over the source model's (a collapse onto a
   few hub items drives it towards ``1 / B``).
 
-All five are recorded for every batch; ``collapse_signal`` picks the one that decides.  When its mean over
+All six are recorded for every batch; ``collapse_signal`` picks the one that decides.  When its mean over
 the last ``collapse_window`` batches falls below ``collapse_ratio``, the method is reset to the source
 parameters and the event is recorded.  It is the protocol's ``reset=on-collapse`` (docs/method.md §2),
 usable by every method and by :class:`qshift.Adapter`; the defaults were chosen on val streams
@@ -51,9 +56,20 @@ def distinct_top1(scores: torch.Tensor, rows: torch.Tensor | None = None) -> int
     return int(torch.unique(best).numel())
 
 
+def spread(z: torch.Tensor) -> float:
+    """The mean pairwise cosine distance (1 − cos) between the rows of unit-norm embeddings ``z`` [B, D]."""
+    b = z.shape[0]
+    if b < 2:
+        return 1.0
+    gram = z @ z.T
+    return float(1.0 - (gram.sum() - gram.diagonal().sum()) / (b * (b - 1)))
+
+
 def signals(adapted: torch.Tensor, source: torch.Tensor, k: int = TOP_K, *, rows: torch.Tensor | None = None,
-            source_mean: torch.Tensor | None = None, source_std: torch.Tensor | None = None) -> dict[str, float]:
-    """The label-free signals of one batch, from the adapted and the source model's scores [B, N].
+            source_mean: torch.Tensor | None = None, source_std: torch.Tensor | None = None,
+            z_adapted: torch.Tensor | None = None, z_source: torch.Tensor | None = None) -> dict[str, float]:
+    """The label-free signals of one batch, from the adapted and the source model's scores [B, N] and
+    query embeddings [B, D] (``spread`` is 1.0 — no evidence — when the embeddings are not given).
 
     Top-K mode: both score the same columns, gallery ``rows`` [B, C] (``-inf`` where a column is not
     scored), and ``source_mean`` / ``source_std`` [B] are the source's score statistics over the whole
@@ -72,7 +88,9 @@ def signals(adapted: torch.Tensor, source: torch.Tensor, k: int = TOP_K, *, rows
             "confident": float((weight * inside).sum() / weight.sum().clamp_min(1e-12)),
             "containment": float(inside.mean()),
             "agreement": float((src_top[:, 0] == top1).float().mean()),
-            "diversity": distinct_top1(adapted, rows) / max(1, distinct_top1(source, rows))}
+            "diversity": distinct_top1(adapted, rows) / max(1, distinct_top1(source, rows)),
+            "spread": (1.0 if z_adapted is None or z_source is None
+                       else spread(z_adapted.double()) / max(spread(z_source.double()), 1e-12))}
 
 
 @dataclass
@@ -81,7 +99,7 @@ class CollapseGuard:
 
     window: int
     ratio: float
-    signal: str = "containment"
+    signal: str = "spread"
     history: deque = field(init=False)
     fired: int = 0
 
