@@ -105,6 +105,8 @@ def train_cir_model_cmd(
     temperature: Annotated[Optional[float], typer.Option(min=1e-4, help="Fixed InfoNCE temperature.")] = None,
     train_queries: Annotated[Optional[int], typer.Option(min=1, help="Use the first N of the 10,000 train "
                                                                      "queries.")] = None,
+    val_queries: Annotated[Optional[int], typer.Option(min=1, help="Select the epoch on the first N val queries "
+                                                                   "(their own gallery rows; shipped: 1000).")] = None,
     hard_negatives: Annotated[Optional[int], typer.Option(min=0, max=5, help="Near-duplicates of each target used "
                                                                              "as hard negatives.")] = None,
     typo_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Per-word misspelling probability of "
@@ -124,7 +126,7 @@ def train_cir_model_cmd(
     from qshift.train.cir_training import CIRTrainConfig, train_cir_model
 
     overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
-                                   "train_queries": train_queries, "hard_negatives": hard_negatives,
+                                   "train_queries": train_queries, "val_queries": val_queries, "hard_negatives": hard_negatives,
                                    "typo_p": typo_p, "reword": reword, "render_workers": render_workers,
                                    "world_weights": str(world_weights) if world_weights else None}.items()
                  if v is not None}

@@ -150,9 +150,9 @@ class ComposedRetrievalModel:
         return params
 
     def _split_batch(self, batch: Any) -> tuple[np.ndarray, list[str]]:
-        if not isinstance(batch, (list, tuple)) or not batch:
-            raise UserError(f"a composed query batch is a non-empty list of (image, text) pairs, got "
-                            f"{type(batch).__name__}{'' if batch else ' (empty)'}")
+        if not isinstance(batch, (list, tuple)) or len(batch) == 0:
+            what = "an empty list" if isinstance(batch, (list, tuple)) else type(batch).__name__
+            raise UserError(f"a composed query batch is a non-empty list of (image, text) pairs, got {what}")
         images, texts = [], []
         for k, pair in enumerate(batch):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):

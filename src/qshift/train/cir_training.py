@@ -47,7 +47,7 @@ INTERP_ALPHAS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(1, 10)
 class CIRTrainConfig:
     """The combiner's training recipe; the defaults made the shipped ``cir_combiner.pt``."""
     seed: int = 0
-    epochs: int = 60
+    epochs: int = 80
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -67,6 +67,8 @@ class CIRTrainConfig:
     reword: bool = True
     #: per-word probability of a one-edit misspelling in one extra variant of each text (0: none)
     typo_p: float = 0.1
+    #: val queries (the first N, with their own gallery rows) the epoch is selected on; None = all 2,000
+    val_queries: int | None = 1000
     render_workers: int = 2
     world_weights: str | None = None
 
@@ -251,6 +253,8 @@ def train_cir_model(cfg: CIRTrainConfig, out: str | Path | None = None, progress
     world_path = Path(cfg.world_weights) if cfg.world_weights else shipped_weights_path()
     model = load_world_model(world_path).float().eval()
     train, val, test = (load_cir_split(s) for s in ("train", "val", "test"))
+    if cfg.val_queries is not None and cfg.val_queries < len(val):
+        val = val.subset(cfg.val_queries)
     t_split = time.time() - t0
     tf = train_features(model, train, cfg, progress)
     t_train_feats = time.time() - t0 - t_split
@@ -274,8 +278,9 @@ def train_cir_model(cfg: CIRTrainConfig, out: str | Path | None = None, progress
         "combiner": {"embed_dim": combiner.embed_dim, "proj_dim": combiner.proj_dim,
                      "hidden_dim": combiner.hidden_dim,
                      "n_parameters": sum(p.numel() for p in combiner.parameters())},
-        "data": {s.name: {"seed": s.seed, "n_queries": len(s), "n_gallery": len(s.gallery),
-                          "fingerprint": s.fingerprint()} for s in (train, val, test)},
+        "data_names": {"train": train.name, "val": val.name, "test": test.name},
+        "data": {k: {"seed": s.seed, "n_queries": len(s), "n_gallery": len(s.gallery),
+                          "fingerprint": s.fingerprint()} for k, s in (("train", train), ("val", val), ("test", test))},
         "train_queries_used": len(tf.references),
         "text_variants": tf.n_variants,
         "render_size": world.RENDER_SIZE,
@@ -320,9 +325,9 @@ def render_cir_card(card: dict) -> str:
         "## How it was made",
         "",
         f"- Command: `{card.get('command') or 'qshift train-cir-model'}`",
-        f"- Seed: {tc['seed']}. Data: the clean `train` split of `qshift.data.cir_world` "
+        f"- Seed: {tc['seed']}. Data: the clean `{card['data_names']['train']}` split of `qshift.data.cir_world` "
         f"({card['train_queries_used']} of {card['data']['train']['n_queries']} queries), rendered at "
-        f"{card['render_size']} px; the epoch selected on clean `val` by R@1 with the reference removed "
+        f"{card['render_size']} px; the epoch selected on clean `{card['data_names']['val']}` by R@1 with the reference removed "
         f"(epoch {card['selected_epoch']} of {tc['epochs']}).",
         "- Stage: CLIP4Cir's second stage — the world image and text towers are frozen and only the combiner "
         "is trained. That keeps the gallery tower identical to the shipped world model (the gallery is encoded "
@@ -368,12 +373,12 @@ def render_cir_card(card: dict) -> str:
     for split, fusions in card["metrics"].items():
         d = card["data"][split]
         for name, m in fusions.items():
-            lines.append(f"| {split} ({d['n_queries']} q, {d['n_gallery']} g) | {name} | "
+            lines.append(f"| {card['data_names'][split]} ({d['n_queries']} q, {d['n_gallery']} g) | {name} | "
                          + " | ".join(f"{m[k]:.1f}" for k in CARD_METRICS) + " |")
     lines += [
         "",
         "Split fingerprints (SHA-256 of scenes, texts and rows): "
-        + "; ".join(f"{n} `{d['fingerprint'][:16]}…`" for n, d in card["data"].items()) + ".",
+        + "; ".join(f"{card['data_names'][n]} `{d['fingerprint'][:16]}…`" for n, d in card["data"].items()) + ".",
         "",
         "## Validation during training",
         "",
