@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from qshift.bench import world_data
+from qshift.bench.families import _order, _Orders
 from qshift.bench.registry import BuildContext, Family, register_family
 from qshift.data import cir_world, streams, world
 from qshift.data.task import QueryRelevance, RetrievalTask
@@ -34,25 +35,6 @@ DOMAINS = tuple(d for d in world.DOMAINS if d != "source")
 #: (``name-level``), render domains of the reference and a held-out text style
 DIVERSE_MIX8 = ("gaussian_noise-5", "keyboard-6", "outline", "defocus_blur-5", "char_swap-6", "lowlight",
                 "jpeg_compression-5", "question")
-ORDERS = (0, 1, 2)
-
-
-def _order(n: int, k: int) -> list[int]:
-    if k == 0:
-        return list(range(n))
-    if k == 1:
-        return list(range(n))[::-1]
-    return [int(i) for i in np.random.default_rng(k).permutation(n)]
-
-
-class _Orders:
-    def __iter__(self):
-        return iter(ORDERS)
-
-    def match(self, text: str):
-        return int(text) if text.isdigit() else None
-
-
 def _split(ctx: BuildContext) -> cir_world.CIRSplit:
     return cir_world.load_cir_split(ctx.split)
 
