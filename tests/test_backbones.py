@@ -327,7 +327,7 @@ def test_a_grid_runs_on_a_real_backbone_over_a_local_dataset(tmp_path, openclip_
 
     cli = CliRunner()
     bench = cli.invoke(app, ["bench", "--grid", str(grid_file), "--out", str(out)])
-    assert bench.exit_code == 0 and "12 already finished" in bench.output, bench.output
+    assert bench.exit_code == 0 and "12 already finished" in " ".join(bench.output.split()), bench.output
     rep = cli.invoke(app, ["report", str(out)])
     assert rep.exit_code == 0, rep.output
     report = (out / "report" / "report.md").read_text()
