@@ -14,7 +14,6 @@ domains.  The epoch is selected on the clean ``val`` split by R@1 (reference rem
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qshift.atomic import write_text_atomic
+from qshift.bench.backbone import file_digest
 from qshift.data import world
 from qshift.data.cir_world import SOURCE_TEXT_FAMILIES, CIRSplit, load_cir_split
 from qshift.models.cir_model import Combiner, fuse, save_combiner
@@ -236,10 +236,6 @@ def fit_combiner(tf: TrainFeatures, val: EvalFeatures, cfg: CIRTrainConfig, prog
     return combiner.eval(), history, best_epoch
 
 
-def _sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _rounded(m: dict[str, float]) -> dict[str, float]:
     return {k: round(m[k], 2) for k in CARD_METRICS if k in m}
 
@@ -285,7 +281,7 @@ def train_cir_model(cfg: CIRTrainConfig, out: str | Path | None = None, progress
         "text_variants": tf.n_variants,
         "render_size": world.RENDER_SIZE,
         "world_variant": world.world_variant(),
-        "world_weights": {"file": world_path.name, "sha256": _sha256(world_path)},
+        "world_weights": {"file": world_path.name, "sha256": file_digest(world_path)},
         "selected_epoch": best_epoch,
         "interp_alpha_val_R@1": {str(a): round(r, 2) for a, r in alpha_val.items()},
         "metrics": metrics,
