@@ -9,8 +9,9 @@ from torch import nn
 
 from qshift.data.cir_world import load_cir_split
 from qshift.errors import UserError
-from qshift.models.cir_model import (FUSIONS, Combiner, ComposedRetrievalModel, load_cir_model, save_combiner,
-                                     shipped_combiner_path)
+from qshift.models.cir_model import (CIR_FORMAT, FUSIONS, Combiner, ComposedRetrievalModel, load_cir_model,
+                                     save_cir_model, shipped_cir_model_path)
+from qshift.models.load import load_model
 from qshift.models.protocol import check_retrieval_model
 from qshift.models.world_model import WorldDualEncoder, WorldModelConfig
 from qshift.retrieval.cir_metrics import cirr_metrics
@@ -95,40 +96,59 @@ def test_bad_query_batches_get_clear_errors():
         ComposedRetrievalModel(tiny_encoder(), None, fusion="concat")
 
 
-def test_combiner_round_trip_through_load_cir_model(tmp_path):
+def test_cir_checkpoint_round_trip_through_load_cir_model(tmp_path):
     torch.manual_seed(5)
-    combiner = Combiner(128, 32, 48)
+    encoder, combiner = tiny_encoder(3), Combiner(D, 24, 32)
     path = tmp_path / "c.pt"
-    save_combiner(combiner, path)
-    state = torch.load(path, weights_only=True)
-    assert set(state) == set(combiner.state_dict())
+    save_cir_model(encoder, combiner, path, {"note": "test", "history": [1, 2]})
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == CIR_FORMAT and "history" not in payload["card"]
+    assert set(payload["combiner"]) == set(combiner.state_dict())
     model = load_cir_model(path)
     for k, v in combiner.state_dict().items():
         assert torch.equal(model.combiner.state_dict()[k], v)
-    direct = ComposedRetrievalModel(model.encoder, combiner)
+    # the towers are stored in fp16, like the world model's
+    direct = ComposedRetrievalModel(WorldDualEncoder.load(path), combiner)
     q = queries(2)
-    q = [(np.repeat(np.repeat(im, 2, 0), 2, 1), t) for im, t in q]  # the world's 192 px renders
     assert torch.allclose(model.encode_query(q), direct.encode_query(q), atol=1e-6)
+    # a training-free fusion over the checkpoint's towers reads no combiner
+    assert load_cir_model(path, fusion="sum").combiner is None
+    # `--model world` answers the composed direction with the same checkpoint and options
+    via_spec = load_model("world", "cir", path)
+    assert torch.allclose(via_spec.encode_query(q), model.encode_query(q), atol=1e-6)
+    assert load_model("world", "cir", path, fusion="interp", alpha=0.3).alpha == 0.3
+    with pytest.raises(UserError, match="unknown fusion 'concat'"):
+        load_model("world", "cir", path, fusion="concat")
+    with pytest.raises(UserError, match="unknown option"):
+        load_model("world", "cir", path, quick_gelu=True)
 
 
 def test_missing_or_corrupt_weights_get_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="CIR combiner weights not found.*nope.pt"):
+    with pytest.raises(FileNotFoundError, match="CIR model weights not found.*nope.pt"):
         load_cir_model(tmp_path / "nope.pt")
+    with pytest.raises(UserError, match="CIR model weights not found.*nope.pt"):
+        load_model("world", "cir", tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="not a readable CIR combiner"):
+    with pytest.raises(UserError, match="not a readable CIR model"):
         load_cir_model(bad)
     other = tmp_path / "other.pt"
     torch.save({"weight": torch.zeros(3)}, other)
-    with pytest.raises(UserError, match="not a CIR combiner state dict"):
+    with pytest.raises(UserError, match="not a qshift CIR model checkpoint"):
         load_cir_model(other)
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"format": CIR_FORMAT, "config": {}, "state_dict": {}, "combiner": {"weight": torch.zeros(3)}}, wrong)
+    with pytest.raises(UserError):
+        load_cir_model(wrong)
 
 
-def test_shipped_combiner_is_small_and_plain():
-    path = shipped_combiner_path()
+def test_shipped_cir_model_is_small_and_loads_as_a_world_model():
+    path = shipped_cir_model_path()
     assert path.stat().st_size <= 10 * 2**20
-    state = torch.load(path, weights_only=True)
-    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in state.values())
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == CIR_FORMAT
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in payload["combiner"].values())
+    assert isinstance(WorldDualEncoder.load(path), WorldDualEncoder)
 
 
 def test_shipped_model_retrieves_on_clean_test_queries():

@@ -15,6 +15,8 @@ from qshift.bench.world_data import WORLD_VERSION
 from qshift.data import world
 from qshift.data.retrieval_datasets import load_dataset
 from qshift.models.protocol import RetrievalModel, default_lr
+from qshift.data.task import task_of
+from qshift.models.cir_model import shipped_cir_model_path
 from qshift.models.world_model import shipped_weights_path
 
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".json", ".txt", ".model")
@@ -35,13 +37,36 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def world_identity(weights: str | Path | None = None) -> dict[str, Any]:
-    """The embedded world model's identity: its weights file (SHA-256) and the world's rendering version."""
+def world_identity(weights: str | Path | None = None, composed: bool = False) -> dict[str, Any]:
+    """The embedded world model's identity: its weights file (SHA-256) and the world's rendering version;
+    with ``composed`` (a direction of the composed task), also the CIR checkpoint the world model
+    answers that direction with (``weights``, else the shipped ``cir_model.pt``)."""
     path = Path(weights) if weights else shipped_weights_path()
     if not path.is_file():
         raise FileNotFoundError(f"world-model weights not found: {path}")
-    return {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "world_version": WORLD_VERSION,
-            "render_size": world.RENDER_SIZE, **world.world_variant()}
+    out = {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "world_version": WORLD_VERSION,
+           "render_size": world.RENDER_SIZE, **world.world_variant()}
+    if composed:
+        cir = Path(weights) if weights else shipped_cir_model_path()
+        if not cir.is_file():
+            raise FileNotFoundError(f"CIR model weights not found: {cir}")
+        out[CIR_IDENTITY_KEY] = file_digest(cir)
+    return out
+
+
+#: the identity key naming the CIR checkpoint of a composed-task cell (absent from other cells' identities)
+CIR_IDENTITY_KEY = "cir_weights_sha256"
+
+
+def same_model(recorded: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether a cell's recorded backbone identity is ``current``'s: equal once the CIR checkpoint key is
+    dropped, and equal in that key too when the cell (a composed-task cell) recorded one."""
+    if not isinstance(recorded, dict):
+        return False
+    strip = lambda d: {k: v for k, v in d.items() if k != CIR_IDENTITY_KEY}  # noqa: E731
+    if strip(recorded) != strip(current):
+        return False
+    return CIR_IDENTITY_KEY not in recorded or recorded[CIR_IDENTITY_KEY] == current.get(CIR_IDENTITY_KEY)
 
 
 class GridBackbone:
@@ -71,7 +96,9 @@ class GridBackbone:
             out["weights_sha256"] = file_digest(local[0])
         if self.dataset is not None:
             fp = getattr(self.dataset, "fingerprint", None)
-            if isinstance(fp, dict):  # the annotation file actually read, whichever name it had
+            if callable(fp):  # a CIR dataset names its annotation files' digest itself
+                out.update({"dataset": self._dataset_spec["dataset"], "annotation_sha256": fp()})
+            elif isinstance(fp, dict):  # the annotation file actually read, whichever name it had
                 out.update({k: fp[k] for k in ("dataset", "format", "annotation", "annotation_sha256", "n_images",
                                                "n_captions") if k in fp})
             else:
@@ -80,6 +107,13 @@ class GridBackbone:
                 out["annotation_sha256"] = file_digest(ann) if ann else None
                 out["n_images"], out["n_captions"] = len(self.dataset), len(self.dataset.captions)
         return out
+
+    def identity_for(self, direction: str) -> dict[str, Any]:
+        """The identity a cell of ``direction`` records: :attr:`identity`, plus the CIR checkpoint's digest
+        for the world model's composed-task directions."""
+        if self.spec == "world" and task_of(direction).name == "composed":
+            return world_identity(self.weights, composed=True)
+        return self.identity
 
     def model(self, direction: str) -> RetrievalModel:
         """The model for ``direction`` with its adaptable parameters at their source values."""

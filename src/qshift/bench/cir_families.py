@@ -8,7 +8,8 @@ can drift — REST's *multi-modal query shift*:
 
 * ``world-cir/clean`` — the clean 2,000-query test set;
 * ``world-cir-c/image/<corruption>/<severity>`` — the reference image under one of the image corruptions;
-* ``world-cir-c/text/<perturbation>/<level>`` — the modification text under a character / word perturbation;
+* ``world-cir-c/text/<perturbation>/<level>`` — the modification text under a text corruption (listed:
+  :data:`CIR_TEXT_PERTURBATIONS`; any of :mod:`qshift.shifts.text`'s is accepted);
 * ``world-cir-c/both/<corruption>/<severity>`` — both halves: the corruption on the reference and, on the
   text, a character perturbation drawn per query at level ``severity + 1``;
 * ``world-cir-style/<style>`` — modification texts in a held-out template family;
@@ -28,9 +29,14 @@ from qshift.bench.registry import BuildContext, Family, register_family
 from qshift.data import cir_world, streams, world
 from qshift.data.task import QueryRelevance, RetrievalTask
 from qshift.shifts.image import CORRUPTIONS, SEVERITIES, available_corruptions
-from qshift.shifts.text import CHAR_PERTURBATIONS, LEVELS, TEXT_PERTURBATIONS
+from qshift.shifts.text import ALL_TEXT_PERTURBATIONS, CHAR_PERTURBATIONS, LEVELS
 
 DOMAINS = tuple(d for d in world.DOMAINS if d != "source")
+#: the modification-text corruptions the CIR benchmarks list, those used to benchmark CIR robustness:
+#: character (substitution), keyboard, deletion, space removal, misspelling, repetition, homophone
+#: (:mod:`qshift.shifts.text`; any of its perturbations is accepted by name)
+CIR_TEXT_PERTURBATIONS = ("char_substitute", "keyboard", "char_delete", "space_remove", "misspell", "repeat",
+                          "homophone")
 #: the diverse CIR stream's domains: image corruptions (``name-severity``), text perturbations
 #: (``name-level``), render domains of the reference and a held-out text style
 DIVERSE_MIX8 = ("gaussian_noise-5", "keyboard-6", "outline", "defocus_blur-5", "char_swap-6", "lowlight",
@@ -184,7 +190,7 @@ def _diverse(ctx, p):
             q = _pairs(_ref_images(ctx, cir, rows), [texts[i] for i in ids.tolist()])
         else:
             name, level = dom.rsplit("-", 1)
-            if name in TEXT_PERTURBATIONS:
+            if name in ALL_TEXT_PERTURBATIONS:
                 q = _pairs(_ref_images(ctx, cir, rows), _perturbed_texts(ctx, cir, name, int(level), ids))
             else:
                 q = _pairs(_corrupted_refs(ctx, cir, name, int(level), rows), _texts(cir, ids))
@@ -207,9 +213,10 @@ register_family(Family("world-cir-c/image", "world-cir-c/image/{corruption}/{sev
                        summary="CIR image s{severity}", summary_rank=lambda p: (-p["severity"],),
                        list_params={"corruption": _values(*CORRUPTIONS)}, splits=_SPLITS))
 register_family(Family("world-cir-c/text", "world-cir-c/text/{perturbation}/{level}",
-                       {"perturbation": _values(*TEXT_PERTURBATIONS), "level": _values(*LEVELS)}, _text_side, "cir",
+                       {"perturbation": _values(*ALL_TEXT_PERTURBATIONS), "level": _values(*LEVELS)}, _text_side, "cir",
                        title="CIR: modification-text perturbations, level {level} (R@1)", column="{perturbation}",
-                       summary="CIR text L{level}", summary_rank=lambda p: (-p["level"],), splits=_SPLITS))
+                       summary="CIR text L{level}", summary_rank=lambda p: (-p["level"],),
+                       list_params={"perturbation": _values(*CIR_TEXT_PERTURBATIONS)}, splits=_SPLITS))
 register_family(Family("world-cir-c/both", "world-cir-c/both/{corruption}/{severity}",
                        {"corruption": available_corruptions, "severity": _values(*SEVERITIES)}, _both_sides, "cir",
                        title="CIR: both halves, severity {severity} + text level {severity}+1 (R@1)",

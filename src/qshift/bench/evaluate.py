@@ -4,15 +4,17 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from qshift.data import world
-from qshift.data.task import check_served, directions_of
+from qshift.engine import batch_ranks
+from qshift.data.task import check_served, directions_of, task_of
 from qshift.models.world_model import WorldDualEncoder, WorldRetrievalModel
 from qshift.retrieval.encode import encode_batched
-from qshift.retrieval.metrics import retrieval_metrics
+from qshift.retrieval.metrics import retrieval_metrics, summarise
 
 DIRECTIONS = directions_of("image-text")
 REPORTED = ("R@1", "R@5", "R@10", "mAP")
@@ -29,8 +31,9 @@ class EvalRow:
     n_gallery: int
 
     def as_json(self) -> dict:
+        names = dict.fromkeys(REPORTED + task_of(self.direction).metrics)
         return {"benchmark": self.benchmark, "direction": self.direction,
-                "metrics": {k: round(self.metrics[k], 4) for k in REPORTED},
+                "metrics": {k: round(self.metrics[k], 4) for k in names if k in self.metrics},
                 "n_queries": self.n_queries, "n_gallery": self.n_gallery}
 
 
@@ -74,6 +77,16 @@ def items_fingerprint(items) -> str:
     return h.hexdigest()
 
 
+def _metrics(task, scores: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
+    """``retrieval_metrics``, or — for a task with a :class:`~qshift.data.task.QueryRelevance` (CIRR's
+    excluded reference and groups) — the engine's ranks with those rules and the task's metrics."""
+    gallery_ids = torch.as_tensor(task.gallery_ids)
+    if task.relevance is None:
+        return retrieval_metrics(scores, ids, gallery_ids)
+    ranks, aps, sub = batch_ranks(SimpleNamespace(last_cols=None), scores, ids, gallery_ids, task.relevance)
+    return summarise(ranks, aps, metrics=task_of(task.direction).metrics, subset_ranks=sub)
+
+
 def evaluate_task(model, task, batch_size: int = 256, progress: bool = False) -> tuple[EvalRow, dict]:
     """Offline (no adaptation) metrics of ``model`` on a registry task, overall and per domain.
 
@@ -106,8 +119,8 @@ def evaluate_task(model, task, batch_size: int = 256, progress: bool = False) ->
         scores = (zq @ zg.T).cpu()
         ids = torch.as_tensor(qs.ids)
         if len(task.query_sets) > 1:
-            per_domain[qs.domain] = retrieval_metrics(scores, ids, torch.as_tensor(task.gallery_ids))
+            per_domain[qs.domain] = _metrics(task, scores, ids)
         all_scores.append(scores)
         all_ids.append(ids)
-    m = retrieval_metrics(torch.cat(all_scores), torch.cat(all_ids), torch.as_tensor(task.gallery_ids))
+    m = _metrics(task, torch.cat(all_scores), torch.cat(all_ids))
     return EvalRow(task.name, task.direction, m, task.n_queries, len(task.gallery_ids)), per_domain

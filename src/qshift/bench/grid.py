@@ -106,7 +106,7 @@ def cell_status(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | No
         if direction not in rates:
             rates[direction] = backbone.lr_default(direction)
         rec = store.get_cell(cell_path(out, bench, m.key, seed))  # full cell, else its index line
-        rows.append((bench, m, seed, _finished(rec, _expected_options(m), backbone.identity,
+        rows.append((bench, m, seed, _finished(rec, _expected_options(m), backbone.identity_for(direction),
                                                _expected_protocol(spec, m, rates[direction]))))
     return rows
 
@@ -150,7 +150,7 @@ def run_grid(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None 
             result = run_online(model, task, cfg, progress=False, gallery_embeddings=gallery_cache[gkey])
             payload = result.as_json()
             payload.update({"label": m.key, "grid_shift_seed": spec.shift_seed, "shift_seed": spec.shift_seed, "max_queries": spec.max_queries,
-                            "model": backbone.identity})
+                            "model": backbone.identity_for(task.direction)})
             store.write_cell(out, bench, m.key, seed, payload)
             err_path.unlink(missing_ok=True)
             counts["done"] += 1

@@ -118,6 +118,7 @@ def families() -> list[Family]:
 def _load() -> None:
     from qshift.bench import families as _  # noqa: F401  (registers the built-in families; imports this module)
     from qshift.bench import cir_families as _cir  # noqa: F401  (the composed-retrieval families)
+    from qshift.bench import cir_real_families as _cir_real  # noqa: F401  (FashionIQ-C, CIRR-C)
 
 
 def resolve(name: str, dataset_name: str | None = None) -> tuple[Family, dict[str, Any]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qshift.bench import store
-from qshift.bench.backbone import world_identity
+from qshift.bench.backbone import same_model, world_identity
 from qshift.bench.grid import GridSpec, backbone_of
 from qshift.models.world_model import WorldRetrievalModel
 from qshift.options import Protocol
@@ -51,7 +51,7 @@ def current_model(out: str | Path) -> dict | None:
     raw = json.loads(spec_path.read_text()).get("spec", {})
     try:
         if raw.get("model", "world") == "world":
-            return world_identity(raw.get("weights"))
+            return world_identity(raw.get("weights"), composed=True)
         return backbone_of(GridSpec(**raw)).identity
     except (FileNotFoundError, ValueError, OSError):
         return None
@@ -78,7 +78,7 @@ def load_cells(out: str | Path, model: dict | None | str = "current", excluded: 
         model = current_model(out)
     cells = []
     for path, d in store.iter_cell_files(out):
-        if model is not None and d.get("model") != model:
+        if model is not None and not same_model(d.get("model"), model):
             if excluded is not None:
                 excluded.append(path)
             continue

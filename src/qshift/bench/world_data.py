@@ -158,8 +158,8 @@ def perturbed_captions(split: world.WorldSplit, perturbation: str, level: int, s
     """Every caption of the split under ``perturbation`` at ``level``; caption ``k`` seeded by ``k``.
 
     ``rows`` (caption indices): only those captions, identical to the full list's ``rows``."""
-    if perturbation not in text_shifts.TEXT_PERTURBATIONS:
-        raise ValueError(f"unknown text perturbation {perturbation!r}; known: {text_shifts.TEXT_PERTURBATIONS}")
+    if perturbation not in text_shifts.ALL_TEXT_PERTURBATIONS:
+        raise ValueError(f"unknown text perturbation {perturbation!r}; known: {text_shifts.ALL_TEXT_PERTURBATIONS}")
 
     def make(rows: np.ndarray | None) -> np.ndarray:
         idx = list(range(len(split.captions))) if rows is None else rows.tolist()

@@ -38,7 +38,7 @@ def eval_cmd(
     from qshift.models.world_model import load_world_model
 
     t0 = time.time()
-    if model != "world" or dataset is not None:
+    if model != "world" or dataset is not None or _any_composed(benchmark or []):
         if not benchmark:
             err.print("[red]error:[/red] a real backbone or dataset needs --benchmark (e.g. coco/i2t, coco-c/i2t/fog/5)")
             raise typer.Exit(2)
@@ -88,6 +88,22 @@ def eval_cmd(
         return
     _print_rows(rows, f"Source model, clean embedded world ({split.value}: {len(data)} images, "
                       f"{len(data.captions)} captions)", t0)
+
+
+def _any_composed(benchmarks: list[str]) -> bool:
+    """Whether a benchmark of the list belongs to the composed task (the world answers it with its CIR
+    model, through the same path as a real backbone); unknown names are left to the caller's error."""
+    from qshift.bench.registry import resolve
+    from qshift.data.task import task_of
+
+    for name in benchmarks:
+        try:
+            fam, params = resolve(name)
+        except ValueError:
+            continue
+        if task_of(fam.direction_of(params)).name == "composed":
+            return True
+    return False
 
 
 def _print_rows(rows, title: str, t0: float) -> None:
@@ -175,9 +191,9 @@ def run_cmd(
         comm.close()
     if not lead:
         return
-    result.model, result.shift_seed, result.max_queries = backbone.identity, shift_seed, max_queries
+    result.model, result.shift_seed, result.max_queries = backbone.identity_for(task.direction), shift_seed, max_queries
     row = {"benchmark": benchmark, "direction": task.direction, "method": method, "model": model,
-           "metrics": {k: round(result.metrics[k], 4) for k in ("R@1", "R@5", "R@10", "mAP")},
+           "metrics": {k: round(result.metrics[k], 4) for k in _reported(task.direction, result.metrics)},
            "n_queries": result.n_queries, "n_gallery": result.n_gallery}
     if result.forgetting is not None:
         row["forgetting"] = {"clean_delta_R@1": round(result.forgetting["clean_delta_R@1"], 4),
@@ -185,7 +201,7 @@ def run_cmd(
     if as_json:
         typer.echo(json.dumps(row))
     else:
-        _print_run(result, method, benchmark)
+        _print_run(result, method, benchmark, task.direction)
     if out is not None:  # after the metrics are out: a failed write loses nothing that was printed
         try:
             path = result.save(out / result_filename(result))
@@ -196,12 +212,20 @@ def run_cmd(
             console.print(f"result: {path}", markup=False, highlight=False)
 
 
-def _print_run(result, method: str, benchmark: str) -> None:
+def _reported(direction: str, metrics: dict) -> list[str]:
+    """The metrics ``direction``'s task reports (:mod:`qshift.data.task`) that ``metrics`` holds."""
+    from qshift.data.task import task_of
+
+    return [k for k in task_of(direction).metrics if k in metrics]
+
+
+def _print_run(result, method: str, benchmark: str, direction: str) -> None:
     table = Table(title=f"{method} on {benchmark} (online, {result.seconds:.0f}s)")
-    for col in ("domain", "R@1", "R@5", "R@10", "mAP"):
+    cols = _reported(direction, result.metrics)
+    for col in ("domain", *cols):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for dom, m in list(result.per_domain.items()) + [("all", result.metrics)]:
-        table.add_row(dom, *(f"{m[k]:.1f}" for k in ("R@1", "R@5", "R@10", "mAP")))
+        table.add_row(dom, *(f"{m[k]:.1f}" if k in m else "–" for k in cols))
     console.print(table)
     c = result.config
     console.print(f"protocol: B = {c['batch_size']}, {c['steps']} inner steps, { {'adamw': 'AdamW', 'sgd': 'SGD'}.get(c['optimizer'], c['optimizer'])} lr {c['lr']:g}, weight decay "

@@ -23,7 +23,10 @@ def shifts_list(
 ) -> None:
     """Print every registered benchmark name, one per line (or the families)."""
     from qshift.bench import registry
-    from qshift.data.retrieval_datasets import DATASET_NAMES
+    from qshift.data.cir_datasets import CIR_DATASETS
+    from qshift.data.retrieval_datasets import DATASET_NAMES as IMAGE_TEXT_DATASETS
+
+    DATASET_NAMES = IMAGE_TEXT_DATASETS + CIR_DATASETS
 
     if families:
         for fam in registry.families():
@@ -46,7 +49,8 @@ def shifts_list(
 
 @shifts_app.command("materialize")
 def shifts_materialize(
-    dataset: Annotated[str, typer.Option(help="coco, flickr, cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out].")],
+    dataset: Annotated[str, typer.Option(help="coco, flickr, cuhk-pedes, icfg-pedes, nocaps[-in|-near|-out]; "
+                                              "fashioniq, cirr (composed retrieval).")],
     data_root: Annotated[Path, typer.Option(help="Folder with the clean images and the annotation file.")],
     out: Annotated[Path, typer.Option(help="Where to write the copies (see --layout).")],
     corruption: Annotated[Optional[list[str]], typer.Option(help="Image corruption(s) (repeatable; default: the 16, "
@@ -66,8 +70,25 @@ def shifts_materialize(
                                              "--annotation); tcr: TCR's <out>/coco-IP/COCO_IP_<c>_<s>/ image roots and "
                                              "<out>/coco-TP/annotation_<name>/<level>/ annotation folders.")]
     = "qshift",
+    split: Annotated[Optional[str], typer.Option(help="fashioniq / cirr: the split (default val; train, val, "
+                                                      "test for FashionIQ, test1 for CIRR).")] = None,
+    category: Annotated[Optional[list[str]], typer.Option(help="fashioniq: the categories (repeatable; default "
+                                                               "every one present: dress, shirt, toptee).")] = None,
 ) -> None:
-    """Write corrupted copies of a real dataset's images and perturbed copies of its captions to disk."""
+    """Write corrupted copies of a real dataset's images and perturbed copies of its captions to disk.
+
+    FashionIQ / CIRR: the *reference* images corrupted, under <out>/<corruption>/<severity>/, and the relative
+    captions perturbed, under <out>/text/<perturbation>/<level>/: each a drop-in --data-root (the gallery is
+    read from the clean root it names)."""
+    from qshift.data.cir_datasets import CIR_DATASETS
+
+    if dataset in CIR_DATASETS:
+        _materialize_cir(dataset, data_root, out, corruption, severity, perturbation, level, annotation, seed,
+                         layout, split, category)
+        return
+    if split is not None or category:
+        _error("--split and --category are for fashioniq / cirr")
+        raise typer.Exit(2)
     from qshift.data import retrieval_datasets as RD
     from qshift.data.karpathy import DATASETS, materialize
     from qshift.shifts.image import CORRUPTIONS, available_corruptions
@@ -100,6 +121,40 @@ def shifts_materialize(
         where = "<perturbation>/<level>/ (each a drop-in --annotation)" if layout == "qshift" \
             else f"{TCR_TP_ROOTS[ds.name]}/annotation_<name>/<level>/ (each a TCR ann_root)"
         console.print(f"wrote {len(texts)} annotation files under {out}/{where}")
+
+
+def _materialize_cir(dataset: str, data_root: Path, out: Path, corruption, severity, perturbation, level,
+                     annotation: Optional[Path], seed: int, layout: str, split: Optional[str],
+                     category: Optional[list[str]]) -> None:
+    """``qshift shifts materialize`` for FashionIQ / CIRR (:func:`qshift.data.cir_datasets.materialize_cir`)."""
+    from qshift.data import cir_datasets as C
+    from qshift.shifts.image import CORRUPTIONS, SEVERITIES
+    from qshift.shifts.text import LEVELS, TEXT_PERTURBATIONS
+
+    perts = list(TEXT_PERTURBATIONS) if perturbation and "all" in perturbation else list(perturbation or [])
+    corrs = list(corruption or ([] if perts else CORRUPTIONS))
+    try:
+        if layout != "qshift":
+            raise ValueError(f"--layout {layout}: {dataset} is written in qshift's layout only (drop-in data roots)")
+        if category and dataset != "fashioniq":
+            raise ValueError("--category is for fashioniq")
+        split = split or "val"
+        if dataset == "fashioniq":
+            if annotation is not None:
+                raise ValueError("fashioniq takes no --annotation (it reads captions/cap.<category>.<split>.json)")
+            ds = C.load_fashioniq(data_root, split, tuple(category) if category else None)
+        else:
+            ds = C.load_cirr(data_root, split, annotation)
+        n, roots = C.materialize_cir(ds, out, corrs, severity or list(SEVERITIES), perts, level or list(LEVELS),
+                                     seed)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _error(e)
+        raise typer.Exit(2)
+    if corrs:
+        console.print(f"wrote {n} reference images under {out}/<corruption>/<severity>/ (each a drop-in --data-root)")
+    if perts:
+        console.print(f"wrote {len(perts) * len(level or LEVELS)} caption sets under {out}/text/<perturbation>/<level>/ "
+                      "(each a drop-in --data-root)")
 
 
 @shifts_app.command("preview")

@@ -92,14 +92,30 @@ def train_world_model_cmd(
     console.print(f"weights: {out}\nmodel card: {card_path}")
 
 
+def _flag(name: str, value) -> str:
+    """The command-line flag that sets ``name`` to ``value`` (for the model card's command)."""
+    bools = {"reword": ("--reword", "--no-reword"), "tune_text": ("--tune-text", "--freeze-text")}
+    if name in bools:
+        return bools[name][0 if value else 1]
+    return f"--{name.replace('_', '-')} {value}"
+
+
 @app.command("train-cir-model")
 def train_cir_model_cmd(
-    out: Annotated[Optional[Path], typer.Option(help="Where to write the combiner weights (.pt) and the model card "
-                                                     "(.md beside it); default: the package's shipped "
-                                                     "cir_combiner.pt.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the CIR checkpoint (.pt: towers and combiner) "
+                                                     "and the model card (.md beside it); default: the package's "
+                                                     "shipped cir_model.pt.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the combiner's initialisation, batches and augmentation.")] = 0,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the cached train features (the best on "
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the cached train tokens (the best on "
                                                               "val is kept).")] = None,
+    tower_lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate of the tuned tower "
+                                                                    "layers.")] = None,
+    tune_image_blocks: Annotated[Optional[int], typer.Option(min=0, help="Top image-tower blocks tuned (0: the "
+                                                                         "image tower frozen).")] = None,
+    tune_text: Annotated[Optional[bool], typer.Option("--tune-text/--freeze-text", help="Tune the text tower's "
+                                                      "blocks and projection.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Keep the rendered-and-encoded tokens here, so a rerun "
+                                                           "with the same data skips rendering.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=2, help="Queries per InfoNCE batch.")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine).")] = None,
     temperature: Annotated[Optional[float], typer.Option(min=1e-4, help="Fixed InfoNCE temperature.")] = None,
@@ -107,6 +123,8 @@ def train_cir_model_cmd(
                                                                      "queries.")] = None,
     val_queries: Annotated[Optional[int], typer.Option(min=1, help="Select the epoch on the first N val queries "
                                                                    "(their own gallery rows; shipped: 1000).")] = None,
+    test_queries: Annotated[Optional[int], typer.Option(min=1, help="Report the first N test queries (default: "
+                                                                    "all 2,000).")] = None,
     hard_negatives: Annotated[Optional[int], typer.Option(min=0, max=5, help="Near-duplicates of each target used "
                                                                              "as hard negatives.")] = None,
     typo_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Per-word misspelling probability of "
@@ -118,25 +136,27 @@ def train_cir_model_cmd(
     world_weights: Annotated[Optional[Path], typer.Option(help="The frozen world dual encoder (default: the "
                                                                "shipped one).")] = None,
 ) -> None:
-    """Train the CIR world's combiner on the frozen world towers, as the shipped one was trained, and write its
-    model card."""
+    """Train the CIR world's source model (a combiner over the world towers, their top layers lightly tuned) as
+    the shipped one was trained, and write its model card."""
     from dataclasses import replace
 
-    from qshift.models.cir_model import shipped_combiner_path
+    from qshift.models.cir_model import shipped_cir_model_path
     from qshift.train.cir_training import CIRTrainConfig, train_cir_model
 
     overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
-                                   "train_queries": train_queries, "val_queries": val_queries, "hard_negatives": hard_negatives,
+                                   "train_queries": train_queries, "val_queries": val_queries, "test_queries": test_queries, "hard_negatives": hard_negatives,
                                    "typo_p": typo_p, "reword": reword, "render_workers": render_workers,
+                                   "tower_lr": tower_lr, "tune_image_blocks": tune_image_blocks, "tune_text": tune_text,
+                                   "cache_dir": str(cache_dir) if cache_dir else None,
                                    "world_weights": str(world_weights) if world_weights else None}.items()
                  if v is not None}
     if world_weights is not None and not world_weights.is_file():
         raise typer.BadParameter(f"--world-weights: no file at {world_weights}")
     cfg = replace(CIRTrainConfig(seed=seed), **overrides)
-    target = out if out is not None else shipped_combiner_path()
+    target = out if out is not None else shipped_cir_model_path()
     command = "qshift train-cir-model " + " ".join(
-        [f"--seed {seed}"] + [("--reword" if v else "--no-reword") if k == "reword" else f"--{k.replace('_', '-')} {v}"
-                              for k, v in overrides.items()] + ([f"--out {out}"] if out is not None else []))
+        [f"--seed {seed}"] + [_flag(k, v) for k, v in overrides.items() if k != "cache_dir"]
+        + ([f"--out {out}"] if out is not None else []))
     _, record = train_cir_model(cfg, out=target, log=lambda s: console.print(s), command=command)
     console.print(f"weights: {target} ({record['weights']['bytes'] / 1e6:.1f} MB)\n"
                   f"model card: {target.with_suffix('.md')}")

@@ -3,13 +3,16 @@
 A composed query (reference image, modification text) is encoded by the world model's image and text
 towers (:mod:`qshift.models.world_model`) and fused into one L2-normalised embedding that retrieves the
 target image.  The fusion is a :class:`Combiner` shaped like CLIP4Cir's (Baldrati et al., 2022), trained
-with the towers frozen (``qshift train-cir-model``, :mod:`qshift.train.cir_training`; weights and card in
-``qshift/models/weights/cir_combiner.*``), or one of two training-free fusions (``sum``, ``interp``).
+with the towers' top layers lightly tuned (``qshift train-cir-model``, :mod:`qshift.train.cir_training`;
+one checkpoint with towers and combiner, and its card, in ``qshift/models/weights/cir_model.*``), or one
+of two training-free fusions (``sum``, ``interp``) over the untuned world towers.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,9 @@ from qshift.models.dual_tower import freeze_except_adaptable
 from qshift.models.protocol import layernorm_affine_parameters
 from qshift.models.world_model import WorldDualEncoder, load_world_model
 
-SHIPPED_COMBINER = "cir_combiner.pt"
+SHIPPED_CIR_MODEL = "cir_model.pt"
+#: the ``format`` tag of a CIR checkpoint (:func:`save_cir_model`)
+CIR_FORMAT = "qshift-cir-v1"
 FUSIONS: tuple[str, ...] = ("combiner", "sum", "interp")
 
 
@@ -186,49 +191,61 @@ class ComposedRetrievalModel:
         return F.normalize(self.gallery_visual(pixels), dim=-1)
 
 
-def shipped_combiner_path() -> Path:
-    return Path(str(resources.files("qshift.models") / "weights" / SHIPPED_COMBINER))
+def shipped_cir_model_path() -> Path:
+    """The shipped CIR source model's checkpoint (``qshift/models/weights/cir_model.pt``)."""
+    return Path(str(resources.files("qshift.models") / "weights" / SHIPPED_CIR_MODEL))
 
 
-def save_combiner(combiner: Combiner, path: str | Path) -> str:
-    """Write ``combiner``'s plain fp32 state dict atomically; returns the file's SHA-256."""
+def save_cir_model(encoder: WorldDualEncoder, combiner: Combiner, path: str | Path, card: dict | None = None) -> str:
+    """Write a CIR checkpoint atomically: the (tuned) world towers in the world model's own format (fp16
+    ``config`` / ``state_dict``, so :meth:`WorldDualEncoder.load` reads it) plus ``combiner`` (fp32) and the
+    model-card record (``card``, without its per-epoch history); returns the file's SHA-256."""
     from qshift.atomic import atomic_path
 
+    state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().clone()
+             for k, v in encoder.state_dict().items()}
+    record = {k: v for k, v in (card or {}).items() if k != "history"}
+    payload = {"format": CIR_FORMAT, "config": asdict(encoder.cfg), "state_dict": state,
+               "combiner": {k: v.detach().float().cpu().clone() for k, v in combiner.state_dict().items()},
+               "card": json.loads(json.dumps(record, default=str))}
     with atomic_path(path) as tmp:
-        torch.save({k: v.detach().float().cpu().clone() for k, v in combiner.state_dict().items()}, tmp)
+        torch.save(payload, tmp)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_combiner(path: str | Path) -> Combiner:
-    """The combiner saved at ``path`` (a plain state dict, read with ``weights_only=True``)."""
-    path = Path(path)
+def _read_checkpoint(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"CIR combiner weights not found at {path}; check the path, or make them with "
+        raise FileNotFoundError(f"CIR model weights not found at {path}; check the path, or make them with "
                                 "`qshift train-cir-model --out FILE`")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, another format, a pickle with code in it
-        raise UserError(f"{path} is not a readable CIR combiner checkpoint ({type(e).__name__}: "
+        raise UserError(f"{path} is not a readable CIR model checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a CIR combiner checkpoint (expected a plain state dict of tensors, as "
-                        "`qshift train-cir-model` writes)")
-    return Combiner.from_state_dict(state, where=str(path))
+    if not isinstance(payload, dict) or payload.get("format") != CIR_FORMAT \
+            or not {"config", "state_dict", "combiner"} <= set(payload):
+        raise UserError(f"{path} is not a qshift CIR model checkpoint (expected format {CIR_FORMAT!r} with the "
+                        "keys 'config', 'state_dict' and 'combiner', as `qshift train-cir-model` writes)")
+    return payload
 
 
 def load_cir_model(path: str | Path | None = None, fusion: str = "combiner", alpha: float = 0.5,
                    world_path: str | Path | None = None, device: str | torch.device = "cpu") -> ComposedRetrievalModel:
-    """The shipped CIR source model: the world dual encoder (``load_world_model(world_path)``) and the
-    combiner saved at ``path`` (default the shipped ``cir_combiner.pt``); the training-free fusions
-    (``sum``, ``interp``) read no combiner file."""
+    """The CIR source model saved at ``path`` (default: the shipped ``cir_model.pt``): its towers and
+    combiner.  The training-free fusions (``sum``, ``interp``) read no combiner: they fuse the towers of
+    ``path`` when it is given, else those of the world model (``load_world_model(world_path)``)."""
     if fusion not in FUSIONS:
         raise UserError(f"unknown fusion {fusion!r}; known: {', '.join(FUSIONS)}")
-    combiner = None
-    if fusion == "combiner":
-        p = Path(path) if path is not None else shipped_combiner_path()
-        if path is None and not p.is_file():
-            raise FileNotFoundError(f"CIR combiner weights not found at {p}; the shipped weights are missing: "
-                                    "reinstall qshift")
-        combiner = load_combiner(p)
-    encoder = load_world_model(world_path).to(device)
-    return ComposedRetrievalModel(encoder, combiner, fusion=fusion, alpha=alpha)
+    if fusion != "combiner" and path is None:
+        encoder = load_world_model(world_path).to(device)
+        return ComposedRetrievalModel(encoder, None, fusion=fusion, alpha=alpha)
+    p = Path(path) if path is not None else shipped_cir_model_path()
+    if path is None and not p.is_file():
+        raise FileNotFoundError(f"CIR model weights not found at {p}; the shipped weights are missing: reinstall qshift")
+    payload = _read_checkpoint(p)
+    try:
+        encoder = WorldDualEncoder.load(p)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    combiner = Combiner.from_state_dict(payload["combiner"], where=str(p)) if fusion == "combiner" else None
+    return ComposedRetrievalModel(encoder.to(device), combiner, fusion=fusion, alpha=alpha)

@@ -20,22 +20,29 @@ from qshift.models.protocol import RetrievalModel, check_retrieval_model, one_li
 
 MODEL_SPECS = ("world", "openclip:ARCH", "hf-clip:PATH", "hf-blip:PATH", "custom:module:factory")
 #: the tasks each kind of backbone serves (a custom factory builds whatever its direction's modalities are)
-SERVED_TASKS: dict[str, tuple[str, ...]] = {"world": ("image-text",), "openclip": ("image-text",),
-                                            "hf-clip": ("image-text",), "hf-blip": ("image-text",),
+SERVED_TASKS: dict[str, tuple[str, ...]] = {"world": ("image-text", "composed"),
+                                            "openclip": ("image-text", "composed"),
+                                            "hf-clip": ("image-text", "composed"), "hf-blip": ("image-text",),
                                             "custom": tuple(TASKS)}
 #: the directions the built-in backbones serve (what ``--direction`` offers)
-BUILTIN_DIRECTIONS: tuple[str, ...] = directions_of("image-text")
+BUILTIN_DIRECTIONS: tuple[str, ...] = tuple(dict.fromkeys(d for ts in SERVED_TASKS.values() if ts != tuple(TASKS)
+                                                           for t in ts for d in directions_of(t)))
 
 
 def load_model(name: str = "world", direction: str = "i2t", weights: str | Path | None = None, *,
                preprocess: str = "model", device: str = "cpu", **options: Any) -> RetrievalModel:
     """A RetrievalModel from a spec (the CLI's ``--model``):
 
-    - ``world``: the shipped embedded model (``weights``: another file);
+    - ``world``: the shipped embedded model (``weights``: another file); for the composed task's ``cir``, the
+      shipped CIR model (``weights``: a ``qshift train-cir-model`` checkpoint; options ``fusion`` =
+      ``combiner`` / ``sum`` / ``interp`` and ``alpha``, see :func:`qshift.models.cir_model.load_cir_model`);
     - ``openclip:ARCH``: open_clip architecture ARCH (a name or a model-config JSON); ``weights`` is required:
       a checkpoint path, a pretrained tag already in the local cache, or ``"random"`` (untrained, on purpose);
     - ``hf-clip:PATH`` / ``hf-blip:PATH``: a ``transformers`` CLIP / BLIP retrieval model saved in PATH with its
       tokenizer (the weights are PATH's: ``weights`` must be None);
+    - for ``cir``, ``openclip:ARCH`` / ``hf-clip:PATH`` build a composed model over those towers
+      (:func:`qshift.models.cir_real.load_real_cir_model`: option ``combiner`` = a CLIP4Cir combiner checkpoint,
+      or ``fusion`` = ``sum`` / ``interp`` with ``alpha``);
     - ``custom:module:factory``: ``module.factory(direction=..., weights=..., **options)`` returns one (it also
       gets ``device=`` if it takes that argument); see docs/backbones.md for the contract.
 
@@ -56,12 +63,28 @@ def load_model(name: str = "world", direction: str = "i2t", weights: str | Path 
     if kind in SERVED_TASKS:
         _check_served(name, kind, direction)
     if kind == "world" and not rest:
+        if DIRECTIONS[direction].task == "composed":  # the world's CIR model: its towers and combiner
+            from qshift.models.cir_model import FUSIONS, load_cir_model
+
+            _no_options(name, {k: v for k, v in options.items() if k not in ("fusion", "alpha")}, ())
+            fusion = options.get("fusion", "combiner")
+            if fusion not in FUSIONS:
+                raise UserError(f"--model world: unknown fusion {fusion!r}; known: {', '.join(FUSIONS)}")
+            try:
+                return load_cir_model(weights, fusion=fusion, alpha=float(options.get("alpha", 0.5)), device=dev)
+            except FileNotFoundError as e:
+                raise UserError(str(e)) from e
         _no_options(name, options, ())
         try:
             encoder = load_world_model(weights)
         except FileNotFoundError as e:
             raise UserError(str(e)) from e
         return WorldRetrievalModel(encoder.to(dev), modality)
+    if kind in ("openclip", "hf-clip") and rest and DIRECTIONS[direction].task == "composed":
+        from qshift.models.cir_real import load_real_cir_model  # optional dependency (qshift[backbones])
+
+        # a CLIP4Cir combiner checkpoint (``combiner=``) or a training-free fusion (``fusion=sum|interp``)
+        return load_real_cir_model(name, weights, device=str(dev), preprocess=preprocess, **options)
     if kind == "openclip" and rest:
         from qshift.models.openclip_model import load_openclip  # optional dependency (qshift[backbones])
 

@@ -122,6 +122,11 @@ class ImageTower(nn.Module):
         self.head = nn.Linear(w, cfg.embed_dim, bias=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward_from(self.forward_tokens(pixels, len(self.blocks)), len(self.blocks))
+
+    def forward_tokens(self, pixels: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """Normalised images [B, 3, S, S] → the tokens [B, 1 + grid², width] after the first ``n_blocks``
+        blocks (``forward_from(·, n_blocks)`` finishes the forward pass; a trainer caches these)."""
         if pixels.ndim != 4 or pixels.shape[1] != 3 or tuple(pixels.shape[2:]) != (self.image_size,) * 2:
             raise ValueError(f"expected normalised images [B, 3, {self.image_size}, {self.image_size}], "
                              f"got {tuple(pixels.shape)}")
@@ -132,7 +137,14 @@ class ImageTower(nn.Module):
         x = self.stem(pixels).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         x = self.ln_pre(x)
-        for blk in self.blocks:
+        for blk in self.blocks[:n_blocks]:
+            x = blk(x)
+        return x
+
+    def forward_from(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Tokens after block ``start`` → the (unnormalised) embedding [B, embed_dim]."""
+        x = tokens
+        for blk in self.blocks[start:]:
             x = blk(x)
         return self.head(self.ln_post(x[:, 0]))
 

@@ -11,6 +11,26 @@
 * sentence level (the embedded world only): caption styles the source model never saw — see
   ``qshift.data.world.HELD_OUT_FAMILIES``; they are generated from the scene, not from a caption.
 
+:data:`TEXT_PERTURBATIONS` (the eleven above) is what the image–text benchmark families enumerate.  Four more,
+:data:`ROBUSTNESS_PERTURBATIONS`, are the extra text corruptions of composed-image-retrieval robustness
+benchmarks (implemented here, no lexicon, the same for the world's texts and real captions; a word is looked
+at inside its token's punctuation, which is kept; each at rate 0.05·level of the words — at least one —
+among the words it can change); :data:`ALL_TEXT_PERTURBATIONS` is both tuples:
+
+* ``space_remove`` — the space after 0.05·level of the words is removed (a word merges with the next; a
+  one-word text is kept); the letters are kept (``text.replace(" ", "")`` unchanged);
+* ``misspell`` — 0.05·level of the words of ≥ 3 letters become one of their :func:`misspellings`, a
+  generic, deterministic rule set (ph↔f, ck→k, hard c→k, k→c, soft c→s, ight→ite, swapped vowel pairs like
+  ie↔ei, doubled letters undoubled, single consonants doubled, a silent e dropped, -le→-el, -ent↔-ant,
+  -ence↔-ance, -able↔-ible; the last letter doubled where no rule applies); only the chosen words change;
+* ``repeat`` — 0.05·level of the words are repeated: each chosen word, with even odds, is either said
+  twice (``the the``) or has one of its letters stretched to three (``reeed``);
+* ``homophone`` — 0.05·level of the words that have one are replaced by a homophone or near-homophone
+  from :data:`HOMOPHONES` (a general English table — ``two``→``too``, ``right``→``write``,
+  ``the``→``thee`` — and the embedded world's colours, shapes, sizes, positions and CIR template words,
+  with sound-alike spellings where English has no homophone: ``circle``→``sircle``); other words are kept,
+  and a text with any word in the table gets at least one replaced.
+
 Every perturbation is deterministic by (item id, perturbation, level, seed).  :func:`materialize_text`
 writes real captions' perturbations as BLIP-format annotation files (qshift's layout or TCR's ``coco-TP/``).
 """
@@ -43,6 +63,10 @@ WORD_PERTURBATIONS: tuple[str, ...] = ("synonym_replace", "word_insert", "word_s
 #: the word-level perturbations that draw words from a lexicon (the others only move, drop or add marks)
 SYNONYM_PERTURBATIONS: tuple[str, ...] = ("synonym_replace", "word_insert")
 TEXT_PERTURBATIONS: tuple[str, ...] = CHAR_PERTURBATIONS + WORD_PERTURBATIONS
+#: composed-image-retrieval robustness corruptions, kept out of :data:`TEXT_PERTURBATIONS` (which the
+#: image–text benchmark families enumerate)
+ROBUSTNESS_PERTURBATIONS: tuple[str, ...] = ("space_remove", "misspell", "repeat", "homophone")
+ALL_TEXT_PERTURBATIONS: tuple[str, ...] = TEXT_PERTURBATIONS + ROBUSTNESS_PERTURBATIONS
 LEVELS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
 PUNCTUATION: tuple[str, ...] = (".", ",", "!", "?", ";", ":")
 
@@ -386,10 +410,209 @@ def _eda(words: list[str], op: str, rate: float, rng: random.Random, synonyms: S
     return words
 
 
+# ------------------------------------------------------------- robustness corruptions (CIR benchmarks)
+
+#: homophone groups of general English (each word of a group maps to the group's other words)
+_HOMOPHONE_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("to", "too", "two"), ("there", "their", "they're"), ("right", "write", "rite", "wright"),
+    ("red", "read", "redd"), ("read", "reed"), ("blue", "blew"), ("the", "thee"), ("for", "four", "fore"),
+    ("by", "buy", "bye"), ("one", "won"), ("no", "know"), ("new", "knew", "gnu"), ("not", "knot"), ("in", "inn"),
+    ("here", "hear"), ("see", "sea"), ("be", "bee"), ("so", "sew", "sow"), ("eight", "ate"), ("whole", "hole"),
+    ("hour", "our"), ("night", "knight"), ("sun", "son"), ("meat", "meet"), ("wait", "weight"),
+    ("through", "threw"), ("sale", "sail"), ("tail", "tale"), ("pair", "pear", "pare"), ("bare", "bear"),
+    ("deer", "dear"), ("flower", "flour"), ("male", "mail"), ("plane", "plain"), ("rain", "reign", "rein"),
+    ("road", "rode", "rowed"), ("role", "roll"), ("scene", "seen"), ("some", "sum"), ("stair", "stare"),
+    ("steal", "steel"), ("tea", "tee"), ("toe", "tow"), ("toes", "tows"), ("way", "weigh"), ("week", "weak"),
+    ("wood", "would"), ("board", "bored"), ("brake", "break"), ("cell", "sell"), ("cent", "scent", "sent"),
+    ("cereal", "serial"), ("course", "coarse"), ("dew", "due"), ("die", "dye"), ("fair", "fare"),
+    ("feat", "feet"), ("flew", "flu"), ("grate", "great"), ("hair", "hare"), ("heal", "heel"), ("heard", "herd"),
+    ("him", "hymn"), ("hi", "high"), ("hire", "higher"), ("idle", "idol"), ("its", "it's"), ("lead", "led"),
+    ("loan", "lone"), ("made", "maid"), ("main", "mane"), ("missed", "mist"), ("none", "nun"),
+    ("or", "oar", "ore"), ("pain", "pane"), ("passed", "past"), ("peace", "piece"), ("peak", "peek"),
+    ("pole", "poll"), ("pray", "prey"), ("principal", "principle"), ("rap", "wrap"), ("ring", "wring"),
+    ("rose", "rows"), ("seam", "seem"), ("sight", "site", "cite"), ("sole", "soul"), ("stake", "steak"),
+    ("suite", "sweet"), ("tide", "tied"), ("toad", "towed"), ("vain", "vein"), ("waist", "waste"),
+    ("war", "wore"), ("warn", "worn"), ("weather", "whether"), ("which", "witch"), ("whine", "wine"),
+    ("holy", "wholly"), ("your", "you're", "yore"), ("you", "ewe", "yew"), ("wave", "waive"), ("horse", "hoarse"),
+    ("ball", "bawl"), ("boy", "buoy"), ("beach", "beech"), ("cheap", "cheep"), ("chilly", "chili"),
+    ("sign", "sine"), ("air", "heir"), ("nose", "knows"), ("eye", "aye"), ("pier", "peer"),
+    ("seas", "sees", "seize"), ("bow", "bough"), ("doe", "dough"), ("fowl", "foul"), ("need", "knead"),
+    ("boulder", "bolder"), ("side", "sighed"), ("lane", "lain"), ("cellar", "seller"), ("bowl", "boll"),
+    ("pedal", "peddle"), ("where", "wear", "ware"), ("grown", "groan"), ("thrown", "throne"), ("bred", "bread"),
+    ("berry", "bury"), ("aloud", "allowed"), ("alter", "altar"), ("band", "banned"), ("cymbal", "symbol"),
+    ("fir", "fur"), ("flee", "flea"), ("hall", "haul"), ("hay", "hey"), ("hose", "hoes"), ("jeans", "genes"),
+    ("lie", "lye"), ("links", "lynx"), ("mall", "maul"), ("muscle", "mussel"), ("naval", "navel"),
+    ("paws", "pause"), ("plum", "plumb"), ("pour", "pore"), ("raise", "rays"), ("root", "route"),
+    ("ceiling", "sealing"), ("shoe", "shoo"), ("tax", "tacks"), ("yolk", "yoke"), ("morning", "mourning"),
+    ("racket", "racquet"), ("tire", "tyre"), ("curb", "kerb"), ("gray", "grey"), ("dual", "duel"),
+    ("flair", "flare"), ("whale", "wail"), ("beat", "beet"), ("bridal", "bridle"), ("carrot", "carat"),
+    ("check", "cheque"), ("cord", "chord"), ("find", "fined"), ("hanger", "hangar"), ("maze", "maize"),
+    ("medal", "meddle"), ("peel", "peal"), ("gate", "gait"), ("key", "quay"), ("place", "plaice"),
+    ("places", "plaices"), ("real", "reel"), ("soar", "sore"), ("style", "stile"), ("story", "storey"),
+    ("straight", "strait"), ("team", "teem"), ("wet", "whet"), ("world", "whirled"), ("bean", "been"),
+    ("oh", "owe"), ("pail", "pale"), ("we", "wee"), ("bus", "buss"), ("surf", "serf"),
+    ("while", "wile"), ("wheel", "weal"), ("close", "clothes"), ("lessen", "lesson"),
+    # the embedded world's words that have real (near-)homophones
+    ("green", "greene"), ("cyan", "scion"), ("star", "starr"), ("heart", "hart"), ("cross", "crosse"),
+    ("center", "centre"), ("colour", "color", "culler"), ("size", "sighs"), ("turn", "tern"), ("add", "ad"),
+    ("put", "putt"), ("swap", "swop"), ("vice", "vise"), ("what", "watt"), ("have", "halve"),
+    ("were", "we're"), ("with", "withe"), ("if", "iff"), ("picture", "pitcher"),
+)
+#: one-way (near-)homophones: sound-alike spellings for the embedded world's colours, shapes, sizes,
+#: positions and CIR template words that English gives no homophone
+_SOUND_ALIKE: dict[str, tuple[str, ...]] = {
+    "orange": ("orinj",), "yellow": ("yello",), "purple": ("purpel",), "pink": ("pinck",),
+    "circle": ("sircle",), "square": ("squair",), "triangle": ("tryangle",), "diamond": ("dymond",),
+    "crescent": ("cressent",), "small": ("smawl",), "large": ("larj",), "big": ("bigg",), "little": ("littel",),
+    "top": ("topp",), "left": ("lefft",), "bottom": ("bottum",), "corner": ("korner",), "make": ("maik",),
+    "paint": ("paynt",), "into": ("intu",), "replace": ("re-place",), "remove": ("remoove",),
+    "removed": ("remooved",), "delete": ("deleet",), "move": ("moove",), "instead": ("insted",),
+    "shape": ("shaip",), "changed": ("chainged",), "exchanged": ("exchainged",), "gone": ("gon",),
+    "become": ("becum",), "traded": ("trayded",), "turned": ("turnd",), "positions": ("pozitions",),
+    "extra": ("xtra",), "also": ("allso",), "has": ("haz",), "is": ("iz",), "was": ("wuz",), "of": ("ov",),
+    "are": ("our",), "switched": ("swiched",), "relocated": ("relowcated",), "disappeared": ("dissapeered",),
+    "added": ("addid",), "from": ("frum",), "now": ("naow",), "versa": ("vursa",), "three": ("thre",),
+}
+
+
+def _homophone_table() -> dict[str, tuple[str, ...]]:
+    table: dict[str, list[str]] = {}
+    for group in _HOMOPHONE_GROUPS:
+        for w in group:
+            table.setdefault(w, []).extend(o for o in group if o != w and o not in table[w])
+    for w, alikes in _SOUND_ALIKE.items():
+        table.setdefault(w, []).extend(o for o in alikes if o != w and o not in table[w])
+    for w, hs in table.items():
+        if not hs or any(not h or " " in h or h != h.lower() for h in hs):  # pragma: no cover - a table check
+            raise AssertionError(f"bad homophones for {w!r}: {hs}")
+    return {w: tuple(hs) for w, hs in table.items()}
+
+
+#: word (lower case) → its homophones / near-homophones, in a fixed order (see the module docstring)
+HOMOPHONES: dict[str, tuple[str, ...]] = _homophone_table()
+
+
+def homophones(word: str) -> tuple[str, ...]:
+    """The homophones of ``word`` in :data:`HOMOPHONES` (looked up in lower case; a capital is kept)."""
+    return tuple(_match_case(h, word) for h in HOMOPHONES.get(word.lower(), ()))
+
+
+_VOWELS = "aeiou"
+_SPELL_WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")
+_DOUBLING = "bdfgklmnprstz"
+_SUFFIX_SWAPS: tuple[tuple[str, str], ...] = (("ence", "ance"), ("ance", "ence"), ("ent", "ant"), ("ant", "ent"),
+                                              ("able", "ible"), ("ible", "able"))
+
+
+def _restore_case(variant: str, like: str) -> str:
+    if len(like) > 1 and like.isupper():
+        return variant.upper()
+    return _match_case(variant, like)
+
+
+def misspellings(word: str) -> tuple[str, ...]:
+    """Common-misspelling-style variants of ``word`` (letters, maybe joined by ``'`` or ``-``; ≥ 3 letters,
+    else none), from a fixed rule set, each rule applied once at one place: ph→f, f→ph, ck→k, hard c→k,
+    k→c, soft c→s, ight→ite, a pair of different vowels swapped (ie↔ei, ua→au, …), a doubled letter
+    undoubled, a single consonant after a vowel (not before h) doubled, a silent final e dropped (also
+    before -ment / -ly), -le→-el, -ence↔-ance, -ent↔-ant, -able↔-ible; where none applies, the last letter
+    doubled.  Every variant differs from ``word``; the order is fixed; the case of ``word`` (capital, all
+    caps) is kept."""
+    if not _SPELL_WORD.fullmatch(word) or sum(c.isalpha() for c in word) < 3:
+        return ()
+    w = word.lower()
+    n = len(w)
+    out: list[str] = []
+
+    def add(variant: str) -> None:
+        if variant != w and variant not in out:
+            out.append(variant)
+
+    def at(i: int, width: int, rep: str) -> str:
+        return w[:i] + rep + w[i + width:]
+
+    for i in range(n):
+        c, prev, nxt = w[i], w[i - 1] if i else "", w[i + 1] if i + 1 < n else ""
+        if w.startswith("ph", i):
+            add(at(i, 2, "f"))
+        if c == "f" and prev != "f" and nxt != "f":
+            add(at(i, 1, "ph"))
+        if w.startswith("ck", i):
+            add(at(i, 2, "k"))
+        if c == "c" and nxt not in ("c", "h", "k") and (nxt in "aoulrt" or i == n - 1) and prev != "c":
+            add(at(i, 1, "k"))
+        if c == "c" and nxt in ("e", "i", "y") and nxt != "" and prev != "s":
+            add(at(i, 1, "s"))
+        if c == "k" and prev not in ("c", "k") and nxt in ("a", "o", "u", "l", "r") and nxt != "":
+            add(at(i, 1, "c"))
+        if w.startswith("ight", i):
+            add(at(i, 4, "ite"))
+        if c in _VOWELS and nxt in _VOWELS and nxt and nxt != c:
+            add(at(i, 2, nxt + c))
+        if c.isalpha() and nxt == c:
+            add(at(i, 2, c))
+        if c in _DOUBLING and prev and prev in _VOWELS and nxt not in (c, "h"):
+            add(at(i, 1, c + c))
+    if n >= 4 and w.endswith("e") and w[-2].isalpha() and w[-2] not in "aeio":
+        add(w[:-1])
+    for m in re.finditer(r"(?<=[b-df-hj-np-tv-z])e(?=(?:ment|ly)$)", w):
+        add(at(m.start(), 1, ""))
+    if n >= 4 and w.endswith("le") and w[-3].isalpha() and w[-3] not in _VOWELS + "l":
+        add(w[:-2] + "el")
+    for a, b in _SUFFIX_SWAPS:
+        if w.endswith(a) and n > len(a) + 1:
+            add(w[:-len(a)] + b)
+    if not out:
+        add(w + w[-1])
+    return tuple(_restore_case(v, word) for v in out)
+
+
+def _robustness(words: list[str], op: str, rate: float, rng: random.Random) -> list[str]:
+    """One robustness corruption of a caption's tokens (the word inside each token's punctuation is used;
+    the punctuation is kept); 0.05·level of the words, at least one, among those ``op`` can change."""
+    def core(token: str) -> tuple[str, str, str]:
+        return _AFFIX.fullmatch(token).groups()
+
+    n = len(words)
+    k = max(1, round(rate * n))
+    words = list(words)
+    if op == "space_remove":
+        if n < 2:
+            return words
+        gaps = set(rng.sample(range(n - 1), min(k, n - 1)))  # gap g: the space after word g
+        out = [words[0]]
+        for i in range(1, n):
+            if i - 1 in gaps:
+                out[-1] += words[i]
+            else:
+                out.append(words[i])
+        return out
+    if op in ("misspell", "homophone"):
+        variants = misspellings if op == "misspell" else homophones
+        order = [i for i in rng.sample(range(n), n) if variants(core(words[i])[1])]
+        for i in order[:k]:
+            pre, word, post = core(words[i])
+            words[i] = pre + rng.choice(variants(word)) + post
+        return words
+    if op == "repeat":
+        order = [i for i in rng.sample(range(n), n) if any(c.isalnum() for c in core(words[i])[1])]
+        for i in order[:k]:
+            pre, word, post = core(words[i])
+            letters = [j for j, c in enumerate(word) if c.isalpha()]
+            say_twice = rng.random() < 0.5
+            if say_twice or not letters:
+                words[i] = f"{pre}{word} {word}{post}"
+            else:
+                j = rng.choice(letters)
+                words[i] = pre + word[:j] + word[j] * 3 + word[j + 1:] + post
+        return words
+    raise ValueError(op)  # pragma: no cover - guarded by _perturb
+
+
 def _perturb(text: str, perturbation: str, level: int, item_id: int, seed: int, synonyms: SynonymLookup,
              whole_tokens: bool) -> str:
-    if perturbation not in TEXT_PERTURBATIONS:
-        raise ValueError(f"unknown text perturbation {perturbation!r}; known: {', '.join(TEXT_PERTURBATIONS)}")
+    if perturbation not in ALL_TEXT_PERTURBATIONS:
+        raise ValueError(f"unknown text perturbation {perturbation!r}; known: {', '.join(ALL_TEXT_PERTURBATIONS)}")
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if not isinstance(text, str) or not text.strip():
@@ -398,6 +621,8 @@ def _perturb(text: str, perturbation: str, level: int, item_id: int, seed: int, 
     if perturbation in CHAR_PERTURBATIONS:
         with _seeded(s):
             out = _nlpaug_text(_char_augmenter(perturbation, level).augment(text))
+    elif perturbation in ROBUSTNESS_PERTURBATIONS:
+        out = " ".join(_robustness(text.split(), perturbation, 0.05 * level, random.Random(s)))
     else:
         out = " ".join(_eda(text.split(), perturbation, 0.05 * level, random.Random(s), synonyms, whole_tokens))
     if not out or not out.strip():
@@ -454,7 +679,8 @@ def perturbed_annotation_path(out: str | Path, dataset: str, perturbation: str, 
     """Where :func:`materialize_text` writes one perturbation at one level: ``<out>/<perturbation>/<level>/
     <filename>`` (qshift), or TCR's ``<out>/coco-TP/annotation_<KeyboardAug|sr|…>/<level>/<filename>``."""
     if layout == "tcr":
-        return Path(out) / TCR_TP_ROOTS[dataset] / f"annotation_{TCR_TP_NAMES[perturbation]}" / str(level) / filename
+        tp_name = TCR_TP_NAMES.get(perturbation, perturbation)  # TCR has no robustness corruptions: their own name
+        return Path(out) / TCR_TP_ROOTS[dataset] / f"annotation_{tp_name}" / str(level) / filename
     return Path(out) / perturbation / str(level) / filename
 
 
@@ -473,9 +699,9 @@ def materialize_text(ds: Any, data_root: str | Path, out: str | Path, perturbati
         raise UserError(f"text-perturbed annotation files are written for {', '.join(sorted(TCR_TP_ROOTS))} only, "
                         f"not {ds.name!r}; the {ds.name}-c/t2i/<perturbation>/<level> benchmarks build on the fly "
                         "for every dataset")
-    bad = [p for p in perturbations if p not in TEXT_PERTURBATIONS]
+    bad = [p for p in perturbations if p not in ALL_TEXT_PERTURBATIONS]
     if bad or not perturbations:
-        raise UserError(f"unknown text perturbation(s) {bad}; known: {', '.join(TEXT_PERTURBATIONS)}")
+        raise UserError(f"unknown text perturbation(s) {bad}; known: {', '.join(ALL_TEXT_PERTURBATIONS)}")
     if not levels or any(lvl not in LEVELS for lvl in levels):
         raise UserError(f"text perturbation levels must be among {LEVELS}, got {list(levels)}")
     root = Path(data_root)
@@ -501,5 +727,5 @@ def materialize_text(ds: Any, data_root: str | Path, out: str | Path, perturbati
 
 
 def describe(perturbation: str) -> Mapping[str, str]:
-    kind = "character" if perturbation in CHAR_PERTURBATIONS else "word"
+    kind = "character" if perturbation in CHAR_PERTURBATIONS + ("space_remove",) else "word"
     return {"name": perturbation, "kind": kind, "rate": "0.05 × level of the words"}
