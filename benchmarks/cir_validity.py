@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from qshift.atomic import write_text_atomic
 from qshift.bench.backbone import world_identity
