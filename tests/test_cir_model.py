@@ -168,3 +168,18 @@ def test_shipped_model_retrieves_on_clean_test_queries():
     chance = 100.0 / (len(scenes) - 1)
     assert r1["combiner"] > 20 * chance
     assert r1["combiner"] > r1["sum"] + 5, r1
+
+
+def test_model_options_on_the_command_line():
+    from typer.testing import CliRunner
+
+    from qshift.cli import app
+    from qshift.cli.common import parse_model_options
+
+    assert parse_model_options(["fusion=interp", "alpha=0.3", "quick_gelu=true", "n=2", "combiner=a=b.pt"]) == \
+        {"fusion": "interp", "alpha": 0.3, "quick_gelu": True, "n": 2, "combiner": "a=b.pt"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_model_options(["fusion"])
+    res = CliRunner().invoke(app, ["run", "--method", "source", "--benchmark", "world-cir/clean",
+                                   "--model-option", "fusion=concat"])
+    assert res.exit_code == 2 and "unknown fusion 'concat'" in res.output and "Traceback" not in res.output

@@ -18,6 +18,7 @@ from backbone_fixtures import TINY_OPENCLIP, tiny_hf_clip, tiny_openclip_checkpo
 
 from qshift.bench.registry import build_benchmark, list_benchmarks  # noqa: E402
 from qshift.bench.cir_real_families import relevance  # noqa: E402
+from qshift.bench.evaluate import evaluate_task  # noqa: E402
 from qshift.cli import app  # noqa: E402
 from qshift.data import cir_datasets as C  # noqa: E402
 from qshift.data.karpathy import read_rgb  # noqa: E402
@@ -457,7 +458,11 @@ def test_fashioniq_c_streams_corrupted_references_against_the_category_gallery(f
 def test_cirr_benchmark_runs_through_the_engine_with_its_relevance(real_model, clip_files, cirr_root):
     ds = load_dataset("cirr", cirr_root)
     task = build_benchmark("cirr/clean", dataset=ds)
-    assert task.relevance.exclude[ds.targets].tolist() == ds.exclude.tolist()
+    # query ids are query indices; each query names its own reference, group and target row
+    assert task.query_sets[0].ids.tolist() == task.clean_queries.ids.tolist() == list(range(len(ds)))
+    assert task.relevance.exclude.tolist() == ds.exclude.tolist()
+    assert task.relevance.positive.tolist() == ds.targets.tolist()
+    assert task.relevance.subsets.tolist() == ds.subsets.tolist()
     # text weight 0: each query is its reference's own embedding, which scores highest unless it is removed
     image_only = load_real_cir_model(f"openclip:{TINY_OPENCLIP}", clip_files[0] / "tuned_clip.pt", fusion="interp",
                                      alpha=0.0)
@@ -485,9 +490,22 @@ def test_cirr_benchmark_runs_through_the_engine_with_its_relevance(real_model, c
         with torch.no_grad():
             for n, p in real_model.adaptable_parameters():
                 p.copy_(source[n])
-    shared = C.load_cirr(make_cirr(cirr_root.parent / "shared", shared_target=True))
-    with pytest.raises(UserError, match="1 target images are the targets of queries with different references"):
-        relevance(shared)
+    # queries that share a target but not a reference (real CIRR val): the benchmark builds, and each query
+    # removes its own reference, online and offline, as a brute-force loop over the loaded rows does
+    shared = load_dataset("cirr", make_cirr(cirr_root.parent / "shared", shared_target=True))
+    assert len(np.unique(shared.targets)) < len(shared) and len(np.unique(shared.exclude)) == len(shared)
+    ids, rel = relevance(shared)
+    assert ids.tolist() == list(range(len(shared))) and rel.positive.tolist() == shared.targets.tolist()
+    shared_task = build_benchmark("cirr/clean", dataset=shared)
+    with torch.no_grad():
+        q = image_only.encode_query([shared_task.query_sets[0].items[k] for k in range(len(shared))])
+        scores = q @ image_only.encode_gallery(shared.gallery_paths).T
+    want = _brute_cirr(scores.numpy(), shared)
+    online = run_online(image_only, shared_task, RunConfig("source"), progress=False)
+    offline, _ = evaluate_task(image_only, shared_task)
+    for k in ("R@1", "R@5", "R@10", "R@50", "R_s@1", "R_s@2", "R_s@3"):
+        assert online.metrics[k] == pytest.approx(want[k]) == offline.metrics[k], k
+    assert sorted(r for b in online.batches for r in b["ranks"]) == sorted(want["ranks"])
 
 
 # ------------------------------------------------------------------------------ materialize

@@ -201,16 +201,26 @@ def _count(model: RetrievalModel) -> tuple[int, int]:
     return adapted, total
 
 
+def _relevant_ids(relevance: QueryRelevance | None, ids: torch.Tensor,
+                  gallery_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, gallery ids) that match exactly where a gallery row is relevant to a query: the query ids
+    and ``gallery_ids`` themselves, or with ``relevance.positive`` each query's positive row and row numbers."""
+    return (ids, gallery_ids) if relevance is None else relevance.relevant_ids(ids, gallery_ids)
+
+
 def batch_ranks(method, scores: torch.Tensor, labels: torch.Tensor, gallery_ids: torch.Tensor,
                 relevance: QueryRelevance | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-query ranks, APs and (with ``relevance.subsets``) ranks within the query's group, of scores the
     method just returned (whole-gallery rows, or top-K candidates:
     :func:`qshift.retrieval.metrics.candidate_ranks_and_ap`); ``relevance.exclude`` rows are taken out of
-    the ranking first (CIRR's reference image)."""
+    the ranking first (CIRR's reference image).  ``labels`` are the batch's query ids; with
+    ``relevance.positive`` each query's one positive is the gallery row it names
+    (:meth:`~qshift.data.task.QueryRelevance.relevant_ids`), whatever ``gallery_ids`` says."""
     cols = method.last_cols
     sub = None
     if relevance is not None:
         ids = labels.cpu().numpy()
+        labels, gallery_ids = _relevant_ids(relevance, labels, gallery_ids)
         if relevance.exclude is not None:
             ex = torch.as_tensor(relevance.exclude[ids], device=scores.device).long()
             if cols is None:
@@ -296,13 +306,17 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
     else:
         # several processes: each encodes its share of the gallery, all get the whole of it
         gallery = encode_sharded(model.encode_gallery, task.gallery, comm or LOCAL, 256)
-    method = create(cfg.method, model, gallery, protocol=cfg.protocol, gallery_ids=gallery_ids.to(gallery.device),
+    relevance = getattr(task, "relevance", None)
+    # the method sees relevance as the metrics read it (the oracle's labels, a method's gallery groups):
+    # with ``relevance.positive``, the gallery's row numbers and each query's positive row
+    _, method_gallery_ids = _relevant_ids(relevance, torch.zeros(0, dtype=torch.int64), gallery_ids)
+    method = create(cfg.method, model, gallery, protocol=cfg.protocol,
+                    gallery_ids=method_gallery_ids.to(gallery.device),
                     gallery_index=gallery_index, comm=comm, **cfg.method_options)
     try:
         stream = task.stream(batch_size=cfg.protocol.batch_size, seed=cfg.seed)
         sequential = stream.kind == "sequential"
         clean = getattr(task, "clean_queries", None)
-        relevance = getattr(task, "relevance", None)
         names = task_of(task.direction).metrics
         probe = partial(_probe, gallery_ids=gallery_ids, relevance=relevance, metrics=names)
         source_clean = probe(method, clean) if (clean is not None and sequential) else None
@@ -322,7 +336,8 @@ def run_online(model: RetrievalModel, task, cfg: RunConfig, progress: bool = Tru
                 method.reset()
             prev_domain = dom
             labels = torch.as_tensor(batch.ids)
-            scores, rec = method.adapt_batch(batch.items, labels=labels.to(gallery.device) if method.uses_labels else None)
+            known = _relevant_ids(relevance, labels, gallery_ids)[0].to(gallery.device) if method.uses_labels else None
+            scores, rec = method.adapt_batch(batch.items, labels=known)
             r, a, sub = batch_ranks(method, scores, labels, gallery_ids, relevance)
             subs.append(sub)
             rec["ranks"] = r.tolist()  # each query's first-positive rank, and its best gallery rows: never score rows

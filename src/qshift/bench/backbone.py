@@ -74,13 +74,14 @@ class GridBackbone:
 
     def __init__(self, model: str = "world", weights: str | None = None, *, dataset: str | None = None,
                  data_root: str | None = None, annotation: str | None = None, preprocess: str = "model",
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", options: dict[str, Any] | None = None) -> None:
         if model == "world" and dataset is not None:
             raise ValueError("the embedded world model cannot read real datasets; set model: openclip:ARCH, "
                              "hf-clip:PATH, hf-blip:PATH or custom:module:factory")
         if dataset is not None and data_root is None:
             raise ValueError("a grid over a real dataset needs data_root (the folder with its images and annotation)")
         self.spec, self.weights, self.preprocess, self.device = model, weights, preprocess, device
+        self.options = dict(options or {})
         self.dataset = None if dataset is None else load_dataset(dataset, data_root, annotation)
         self._dataset_spec = {"dataset": dataset, "data_root": data_root, "annotation": annotation}
         self._models: dict[str, RetrievalModel] = {}
@@ -88,6 +89,15 @@ class GridBackbone:
         self.identity = self._identity()
 
     def _identity(self) -> dict[str, Any]:
+        out = self._base_identity()
+        if self.options:  # a backbone option changes the model (a fusion, a combiner file): it is part of its identity
+            out["options"] = {k: self.options[k] for k in sorted(self.options)}
+            combiner = self.options.get("combiner")
+            if isinstance(combiner, str) and Path(combiner).is_file():
+                out["combiner_sha256"] = file_digest(combiner)
+        return out
+
+    def _base_identity(self) -> dict[str, Any]:
         if self.spec == "world":
             return world_identity(self.weights)
         out: dict[str, Any] = {"model": self.spec, "weights": self.weights, "preprocess": self.preprocess}
@@ -112,13 +122,14 @@ class GridBackbone:
         """The identity a cell of ``direction`` records: :attr:`identity`, plus the CIR checkpoint's digest
         for the world model's composed-task directions."""
         if self.spec == "world" and task_of(direction).name == "composed":
-            return world_identity(self.weights, composed=True)
+            return {**self.identity, **world_identity(self.weights, composed=True)}
         return self.identity
 
     def model(self, direction: str) -> RetrievalModel:
         """The model for ``direction`` with its adaptable parameters at their source values."""
         if direction not in self._models:
-            m = load_model(self.spec, direction, self.weights, preprocess=self.preprocess, device=self.device)
+            m = load_model(self.spec, direction, self.weights, preprocess=self.preprocess, device=self.device,
+                           **self.options)
             self._models[direction] = m
             self._source[direction] = [p.detach().clone() for _, p in m.adaptable_parameters()]
         m = self._models[direction]

@@ -9,13 +9,12 @@
 * ``fashioniq-c/<category>/text/<perturbation>/<level>``, ``cirr-c/text/<perturbation>/<level>`` — each
   relative caption under a text perturbation (:func:`qshift.data.cir_datasets.perturb_queries`), cached.
 
-Relevance: a query's id is its target's gallery row (``gallery_ids`` = 0..N-1), so queries sharing a target
-are all scored against it.  FashionIQ keeps the reference in the ranking (no :class:`QueryRelevance`); CIRR
-removes it and ranks the subset within the img_set (``QueryRelevance(exclude, subsets)``, indexed by the id,
-i.e. by target row).  Because the engine reads the relevance rows by query id, a CIRR split whose queries
-that share a target disagree on reference or img_set cannot be expressed: its build fails with a UserError
-saying so (the offline metrics of :mod:`qshift.retrieval.cir_metrics` take per-query rows and have no such
-limit).
+Relevance: FashionIQ keeps the reference in the ranking, and a query's id is its target's gallery row
+(``gallery_ids`` = 0..N-1, no :class:`QueryRelevance`), so queries sharing a target are all scored against it.
+CIRR removes the reference and ranks the subset within the img_set, both per query: a query's id is its index
+in the split and ``QueryRelevance(exclude, subsets, positive)`` holds, per query, its reference row, its
+img_set rows and its target row — so queries that share a target but not a reference or img_set each remove
+their own reference (as :func:`qshift.retrieval.cir_metrics.cirr_metrics` does offline).
 """
 from __future__ import annotations
 
@@ -74,32 +73,14 @@ def _images(ds: CIRDataset, paths: list, part: str) -> ImageTextDataset:
 
 
 def relevance(ds: CIRDataset) -> tuple[np.ndarray, QueryRelevance | None]:
-    """(query ids = target gallery rows, the task's relevance): none for FashionIQ; CIRR's reference and
-    img_set rows per target row (a UserError when queries sharing a target disagree: module docstring)."""
-    ids = ds.targets.copy()
+    """(each query's id, the task's relevance): FashionIQ — ids = target gallery rows, no relevance; CIRR —
+    ids = query indices, ``QueryRelevance`` of each query's reference (``exclude``), img_set (``subsets``) and
+    target (``positive``) rows."""
     if ds.subsets is None and bool((ds.exclude < 0).all()):
-        return ids, None
-    n = len(ds.gallery_names)
-    _, first = np.unique(ids, return_index=True)
-    lead = np.empty(n, np.int64)
-    lead[ids[first]] = first
-    same = ds.exclude == ds.exclude[lead[ids]]
-    if ds.subsets is not None:
-        same &= (np.sort(ds.subsets, 1) == np.sort(ds.subsets[lead[ids]], 1)).all(1)
-    if not bool(same.all()):
-        shared = len(np.unique(ids[~same]))
-        raise UserError(f"{ds.label}: {shared} target images are the targets of queries with different references "
-                        "or img_sets; qshift's engine reads QueryRelevance by query id (= target row), so these "
-                        "queries cannot each remove their own reference; evaluate the source model offline "
-                        "(qshift.retrieval.cir_metrics.cirr_metrics, per-query rows) until the engine takes "
-                        "per-query relevance rows")
-    exclude = np.full(n, -1, np.int64)
-    exclude[ids] = ds.exclude
-    subsets = None
-    if ds.subsets is not None:
-        subsets = np.full((n, ds.subsets.shape[1]), -1, np.int64)
-        subsets[ids] = ds.subsets
-    return ids, QueryRelevance(exclude=exclude, subsets=subsets)
+        return ds.targets.copy(), None
+    subsets = None if ds.subsets is None else ds.subsets.copy()
+    return (np.arange(len(ds), dtype=np.int64),
+            QueryRelevance(exclude=ds.exclude.copy(), subsets=subsets, positive=ds.targets.copy()))
 
 
 def _reference_images(ctx: BuildContext, ds: CIRDataset, idx: np.ndarray, corruption: str | None,

@@ -90,7 +90,8 @@ def _atomic_json(path: Path, obj: dict) -> None:
 def backbone_of(spec: GridSpec) -> GridBackbone:
     """The grid's backbone and dataset, from its model / weights / dataset / … fields."""
     return GridBackbone(spec.model, spec.weights, dataset=spec.dataset, data_root=spec.data_root,
-                        annotation=spec.annotation, preprocess=spec.preprocess, device=spec.device)
+                        annotation=spec.annotation, preprocess=spec.preprocess, device=spec.device,
+                        options=spec.model_options)
 
 
 def cell_status(spec: GridSpec, out: str | Path, only: dict[str, list[str]] | None = None,

@@ -65,6 +65,8 @@ class GridSpec(BaseModel):
     annotation: str | None = None
     preprocess: str = "model"
     device: str = "cpu"
+    model_options: dict[str, Any] = Field(default_factory=dict, description="backbone options (load_model's "
+                                          "keyword options: fusion, combiner, quick_gelu, …)")
 
     @field_validator("methods", mode="before")
     @classmethod

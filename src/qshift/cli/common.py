@@ -66,5 +66,33 @@ DataRootOpt = Annotated[Optional[Path], typer.Option(help="Folder with the datas
 AnnotationOpt = Annotated[Optional[Path], typer.Option(help="Annotation file (default: the usual name in --data-root).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
 PreprocessOpt = Annotated[str, typer.Option(help="Image preprocessing of real backbones: model | tcr.")]
+ModelOptionOpt = Annotated[Optional[list[str]], typer.Option(
+    "--model-option", help="A backbone option key=value (repeatable), e.g. fusion=sum, combiner=combiner.pt "
+                           "(a CLIP4Cir checkpoint, direction cir), quick_gelu=true.")]
+
+
+def parse_model_options(items: Optional[list[str]]) -> dict:
+    """``["fusion=sum", "alpha=0.3", "quick_gelu=true"]`` → ``{"fusion": "sum", "alpha": 0.3, "quick_gelu": True}``
+    (``ValueError`` for an item without ``=``)."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-option wants key=value, got {item!r}")
+        value: object = raw.strip()
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            value = low == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = value
+    return out
+
+
 WeightsOpt = Annotated[Optional[str], typer.Option(help="Weights: a world-model file, or a real backbone's tag / "
                                                         "checkpoint (default: the shipped world model).")]

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from qshift.cli.common import (USER_ERRORS, AnnotationOpt, DataRootOpt, DatasetOpt, DeviceOpt, Direction, ModelOpt,
+                               ModelOptionOpt, parse_model_options,
                                PreprocessOpt, Split, WeightsOpt, app, console, err, error as _error)
 
 
@@ -25,6 +26,7 @@ def eval_cmd(
                                   "Without it: the clean split, in --direction.")] = None,
     shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
     model: ModelOpt = "world",
+    model_option: ModelOptionOpt = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     annotation: AnnotationOpt = None,
@@ -38,7 +40,7 @@ def eval_cmd(
     from qshift.models.world_model import load_world_model
 
     t0 = time.time()
-    if model != "world" or dataset is not None or _any_composed(benchmark or []):
+    if model != "world" or dataset is not None or model_option or _any_composed(benchmark or []):
         if not benchmark:
             err.print("[red]error:[/red] a real backbone or dataset needs --benchmark (e.g. coco/i2t, coco-c/i2t/fog/5)")
             raise typer.Exit(2)
@@ -47,7 +49,7 @@ def eval_cmd(
             try:
                 task, rmodel, backbone = _task_and_model(name, model, weights, dataset, data_root, annotation,
                                                          device, preprocess, shift_seed, not as_json,
-                                                         backbone=backbone)
+                                                         backbone=backbone, model_option=model_option)
                 row, _ = evaluate_task(rmodel, task, batch_size=batch_size, progress=not as_json)
             except USER_ERRORS as e:
                 _error(e)
@@ -120,7 +122,8 @@ def _print_rows(rows, title: str, t0: float) -> None:
 
 def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],
                     data_root: Optional[Path], annotation: Optional[Path], device: str, preprocess: str,
-                    shift_seed: int, progress: bool, max_queries: Optional[int] = None, backbone=None):
+                    shift_seed: int, progress: bool, max_queries: Optional[int] = None, backbone=None,
+                    model_option: Optional[list[str]] = None):
     """Resolve (task, RetrievalModel, GridBackbone) for the embedded world or a real dataset + backbone
     (``backbone``: one already loaded, reused across benchmarks).
 
@@ -135,7 +138,7 @@ def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], da
         backbone = GridBackbone(model_spec, None if weights is None else str(weights), dataset=dataset,
                                 data_root=None if data_root is None else str(data_root),
                                 annotation=None if annotation is None else str(annotation), preprocess=preprocess,
-                                device=device)
+                                device=device, options=parse_model_options(model_option))
     fam, params = resolve(benchmark, backbone.dataset)
     model = backbone.model(fam.direction_of(params))
     task = build_benchmark(benchmark, shift_seed=shift_seed, progress=progress, dataset=backbone.dataset,
@@ -159,6 +162,7 @@ def run_cmd(
     weights: WeightsOpt = None,
     shift_seed: Annotated[int, typer.Option(help="Seed of the corruptions / perturbations.")] = 0,
     model: ModelOpt = "world",
+    model_option: ModelOptionOpt = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     annotation: AnnotationOpt = None,
@@ -182,7 +186,7 @@ def run_cmd(
                 prepare_output_dir(out)
             task, rmodel, backbone = _task_and_model(benchmark, model, weights, dataset, data_root, annotation,
                                                      device, preprocess, shift_seed, not as_json and lead,
-                                                     max_queries)
+                                                     max_queries, model_option=model_option)
             result = run_online(rmodel, task, cfg, progress=not as_json and lead, comm=comm if parallel else None)
         except USER_ERRORS as e:
             _error(e)
@@ -254,6 +258,7 @@ def diagnose_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     weights: WeightsOpt = None,
     model: ModelOpt = "world",
+    model_option: ModelOptionOpt = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     annotation: AnnotationOpt = None,
@@ -265,7 +270,7 @@ def diagnose_cmd(
 
     try:
         task, rmodel, _ = _task_and_model(benchmark, model, weights, dataset, data_root, annotation, device,
-                                          preprocess, 0, not as_json)
+                                          preprocess, 0, not as_json, model_option=model_option)
     except USER_ERRORS as e:
         _error(e)
         raise typer.Exit(2)

@@ -150,17 +150,53 @@ def check_served(direction: str, tasks: Iterable[str], server: str) -> Direction
 @dataclass(frozen=True)
 class QueryRelevance:
     """What a query's id alone does not say about its ranking, indexed by query id: ``exclude`` [n_ids]
-    (a gallery row removed from the query's ranking, -1 for none — CIRR's reference image) and
-    ``subsets`` [n_ids, S] (the gallery rows of the query's group, -1 padding — CIRR's subset recall)."""
+    (a gallery row removed from the query's ranking, -1 for none — CIRR's reference image),
+    ``subsets`` [n_ids, S] (the gallery rows of the query's group, -1 padding — CIRR's subset recall) and
+    ``positive`` [n_ids] (the gallery row of the query's single positive).
+
+    Without ``positive`` a query is relevant to the gallery rows whose id equals its own (query ids live in
+    the gallery's id space).  With it, query ids are free (e.g. the query's index: CIRR queries that share a
+    target but not a reference) and a query's only relevant row is ``positive[id]``; every rule that decides
+    relevance (the engine's ranks, subset ranks, forgetting probes, a supervised method's labels) reads it
+    (:meth:`relevant_ids`)."""
 
     exclude: np.ndarray | None = None
     subsets: np.ndarray | None = None
+    positive: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.exclude is not None and np.asarray(self.exclude).ndim != 1:
             raise ValueError("QueryRelevance.exclude must be one gallery row per query id")
         if self.subsets is not None and np.asarray(self.subsets).ndim != 2:
             raise ValueError("QueryRelevance.subsets must be [n_ids, S] gallery rows")
+        if self.positive is not None:
+            pos = np.asarray(self.positive)
+            if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer):
+                raise ValueError("QueryRelevance.positive must be one integer gallery row per query id")
+            if len(pos) and int(pos.min()) < 0:
+                raise ValueError("QueryRelevance.positive must name a gallery row (>= 0) for every query id")
+
+    def relevant_ids(self, ids: Any, gallery_ids: Any) -> tuple[Any, Any]:
+        """(query labels, gallery ids) such that ``labels[i] == gallery_ids[j]`` exactly when gallery row
+        ``j`` is relevant to query ``ids[i]``: unchanged without ``positive``; with it, ``positive[ids]``
+        and the gallery's row numbers.  Torch tensors in, torch tensors out (on their devices); else numpy."""
+        if self.positive is None:
+            return ids, gallery_ids
+        import torch  # here: the rest of this module does not need torch
+
+        positive = np.asarray(self.positive)
+        if isinstance(ids, torch.Tensor):
+            labels = torch.as_tensor(positive[ids.cpu().numpy()], dtype=torch.int64, device=ids.device)
+        else:
+            labels = positive[np.asarray(ids)].astype(np.int64)
+        if isinstance(gallery_ids, torch.Tensor):
+            rows = torch.arange(len(gallery_ids), device=gallery_ids.device)
+        else:
+            rows = np.arange(len(gallery_ids))
+        n = len(gallery_ids)
+        if len(labels) and int(labels.max()) >= n:
+            raise ValueError(f"QueryRelevance.positive names gallery row {int(labels.max())}, beyond the gallery's {n}")
+        return labels, rows
 
 
 @dataclass
