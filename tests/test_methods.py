@@ -354,6 +354,11 @@ def test_patch_and_word_shuffles_keep_content():
     assert sorted(texts[0].split()) == sorted("a red circle on the left".split()) and texts[1] == "one"
     with pytest.raises(ValueError, match="too small"):
         shuffle_queries(np.zeros((1, 3, 3, 3), np.uint8), 4, gen)
+    # composed queries: each half by its own rule
+    pairs = shuffle_queries([(imgs[0], "make the red circle blue"), (imgs[1], "remove the star")], 4, gen)
+    assert [len(p) for p in pairs] == [2, 2] and not np.array_equal(pairs[0][0], imgs[0])
+    assert np.array_equal(np.sort(pairs[0][0].reshape(-1)), np.sort(imgs[0].reshape(-1)))
+    assert sorted(pairs[0][1].split()) == sorted("make the red circle blue".split())
 
 
 def test_preconditioned_projection_removes_conflict_in_the_metric():

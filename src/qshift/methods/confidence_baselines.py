@@ -31,8 +31,13 @@ def shuffle_queries(items: Any, grid: int, gen: torch.Generator) -> Any:
     Images (uint8 [B, H, W, C] numpy or float [B, C, H, W] torch): cut into ``grid × grid`` patches and
     permute them (one random permutation per image).  Captions (list of str): the token-shuffle
     analogue — permute each caption's words, which keeps the bag of words and breaks word order (for
-    the world's captions, which attribute binds to which object and where).
+    the world's captions, which attribute binds to which object and where).  Composed queries (a list of
+    (image, text) pairs): each half by its own rule — the image patch-shuffled, the text word-shuffled.
     """
+    if isinstance(items, (list, tuple)) and items and isinstance(items[0], (list, tuple)):
+        images = shuffle_queries(np.stack([np.asarray(im) for im, _ in items]), grid, gen)
+        texts = shuffle_queries([t for _, t in items], grid, gen)
+        return [(im, t) for im, t in zip(images, texts)]
     if isinstance(items, (list, tuple)):
         out = []
         for text in items:
