@@ -84,6 +84,24 @@ class Combiner(nn.Module):
         return combiner.eval()
 
 
+def split_composed_batch(batch: Any) -> tuple[list[Any], list[str]]:
+    """A composed query batch — a non-empty list of (image, text) pairs, each text a non-empty str — as its
+    images (unchecked: each model checks the kinds it reads) and texts; a one-line UserError otherwise."""
+    if not isinstance(batch, (list, tuple)) or len(batch) == 0:
+        what = "an empty list" if isinstance(batch, (list, tuple)) else type(batch).__name__
+        raise UserError(f"a composed query batch is a non-empty list of (image, text) pairs, got {what}")
+    images, texts = [], []
+    for k, pair in enumerate(batch):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise UserError(f"composed query {k} is not an (image, text) pair: {type(pair).__name__}")
+        image, text = pair
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"composed query {k}: the text must be a non-empty str, got {text!r}")
+        images.append(image)
+        texts.append(text)
+    return images, texts
+
+
 def fuse(image: torch.Tensor, text: torch.Tensor, fusion: str, combiner: Combiner | None = None,
          alpha: float = 0.5) -> torch.Tensor:
     """Fuse L2-normalised [B, d] features: ``combiner``; ``sum`` = normalise(image + text); ``interp`` =
@@ -155,22 +173,14 @@ class ComposedRetrievalModel:
         return params
 
     def _split_batch(self, batch: Any) -> tuple[np.ndarray, list[str]]:
-        if not isinstance(batch, (list, tuple)) or len(batch) == 0:
-            what = "an empty list" if isinstance(batch, (list, tuple)) else type(batch).__name__
-            raise UserError(f"a composed query batch is a non-empty list of (image, text) pairs, got {what}")
-        images, texts = [], []
-        for k, pair in enumerate(batch):
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise UserError(f"composed query {k} is not an (image, text) pair: {type(pair).__name__}")
-            image, text = pair
+        pairs, texts = split_composed_batch(batch)
+        images = []
+        for k, image in enumerate(pairs):
             image = np.asarray(image)
             if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
                 raise UserError(f"composed query {k}: the image must be uint8 [H, W, 3], got {image.dtype} "
                                 f"{tuple(image.shape)}")
-            if not isinstance(text, str):
-                raise UserError(f"composed query {k}: the text must be a str, got {type(text).__name__}")
             images.append(image)
-            texts.append(text)
         if len({im.shape for im in images}) > 1:
             raise UserError(f"the images of one composed query batch must share one size, got "
                             f"{sorted({im.shape for im in images})}")

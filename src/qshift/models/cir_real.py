@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from qshift.errors import UserError
-from qshift.models.cir_model import FUSIONS, fuse
+from qshift.models.cir_model import FUSIONS, fuse, split_composed_batch
 from qshift.models.dual_tower import freeze_except_adaptable
 from qshift.models.preprocess import images_to_tensor, tcr_transform
 
@@ -281,24 +281,14 @@ class RealComposedModel:
         return images_to_tensor(images, self.towers.transform, self.device)
 
     def _split_batch(self, batch: Any) -> tuple[list[Any], list[str]]:
-        if not isinstance(batch, (list, tuple)) or len(batch) == 0:
-            what = "an empty list" if isinstance(batch, (list, tuple)) else type(batch).__name__
-            raise UserError(f"a composed query batch is a non-empty list of (image, text) pairs, got {what}")
-        images, texts = [], []
-        for k, pair in enumerate(batch):
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise UserError(f"composed query {k} is not an (image, text) pair: {type(pair).__name__}")
-            image, text = pair
+        images, texts = split_composed_batch(batch)
+        for k, image in enumerate(images):
             if isinstance(image, np.ndarray) and (image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8):
                 raise UserError(f"composed query {k}: the image must be uint8 [H, W, 3], got {image.dtype} "
                                 f"{tuple(image.shape)}")
             if not isinstance(image, (np.ndarray, Image.Image, str, Path)):
                 raise UserError(f"composed query {k}: the image must be a uint8 array, a PIL image or a path, got "
                                 f"{type(image).__name__}")
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"composed query {k}: the text must be a non-empty str, got {text!r}")
-            images.append(image)
-            texts.append(text)
         return images, texts
 
     def encode_query(self, batch: list[tuple[Any, str]]) -> torch.Tensor:
