@@ -25,8 +25,8 @@ SERVED_TASKS: dict[str, tuple[str, ...]] = {"world": ("image-text", "composed"),
                                             "hf-clip": ("image-text", "composed"), "hf-blip": ("image-text",),
                                             "custom": tuple(TASKS)}
 #: the directions the built-in backbones serve (what ``--direction`` offers)
-BUILTIN_DIRECTIONS: tuple[str, ...] = tuple(dict.fromkeys(d for ts in SERVED_TASKS.values() if ts != tuple(TASKS)
-                                                           for t in ts for d in directions_of(t)))
+BUILTIN_DIRECTIONS: tuple[str, ...] = tuple(dict.fromkeys(d for kind, tasks in SERVED_TASKS.items() if kind != "custom"
+                                                           for t in tasks for d in directions_of(t)))
 
 
 def load_model(name: str = "world", direction: str = "i2t", weights: str | Path | None = None, *,

@@ -95,16 +95,15 @@ def _render_chunk(scenes: list[world.Scene]) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode_scenes(model: WorldDualEncoder, scenes: list[world.Scene], workers: int = 2, chunk: int = 128,
-                  progress: bool = True, desc: str = "rendering", n_blocks: int | None = None) -> torch.Tensor:
+def encode_scenes(model: WorldDualEncoder, scenes: list[world.Scene], n_blocks: int, workers: int = 2,
+                  chunk: int = 128, progress: bool = True, desc: str = "rendering") -> torch.Tensor:
     """Render ``scenes`` (the world's default render size; ``workers`` processes, 0 = here) and encode them
-    with ``model``'s image tower, in order: L2-normalised [N, d]; or, with ``n_blocks``, the fp16 tokens
-    after the tower's first ``n_blocks`` blocks [N, L, width] (what training the blocks above reads)."""
+    with ``model``'s image tower up to its first ``n_blocks`` blocks, in order: fp16 tokens [N, L, width]
+    (what training the blocks above reads).  Rendered chunks are encoded as they arrive, so memory stays
+    bounded by the chunks in flight, not the whole set."""
     model.eval()
 
     def encode(images: np.ndarray) -> torch.Tensor:
-        if n_blocks is None:
-            return model.encode_image(images)
         return model.visual.forward_tokens(model.preprocess_images(images), n_blocks).half()
 
     parts = [scenes[s:s + chunk] for s in range(0, len(scenes), chunk)]
@@ -130,9 +129,9 @@ def encode_scenes(model: WorldDualEncoder, scenes: list[world.Scene], workers: i
                 out.append(encode(fut.result()))
                 bar.update(n)
     bar.close()
-    if out:
-        return torch.cat(out)
-    return torch.zeros(0, model.cfg.embed_dim)
+    if not out:
+        raise ValueError("no scenes to encode")
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -170,8 +169,8 @@ def eval_data(model: WorldDualEncoder, split: CIRSplit, cfg: "CIRTrainConfig", p
     k = _frozen_blocks(model, cfg)
     tokens = _cached(cfg, {"what": f"{split.name.split('[')[0]}-gallery", "split": split.fingerprint(),
                            "world": world_sha, "blocks": k, "render": world.RENDER_SIZE},
-                     lambda: encode_scenes(model, split.gallery, cfg.render_workers, progress=progress,
-                                           desc=f"{split.name} gallery", n_blocks=k), log)
+                     lambda: encode_scenes(model, split.gallery, k, cfg.render_workers, progress=progress,
+                                           desc=f"{split.name} gallery"), log)
     inputs = {k: torch.as_tensor(v) for k, v in split.metric_inputs().items()}
     return EvalData(tokens, list(split.texts), inputs)
 
@@ -232,8 +231,8 @@ def train_data(model: WorldDualEncoder, split: CIRSplit, cfg: "CIRTrainConfig", 
     k = _frozen_blocks(model, cfg)
     z = _cached(cfg, {"what": "train-images", "split": split.fingerprint(), "n": n, "negs": negs, "world": world_sha,
                       "blocks": k, "render": world.RENDER_SIZE},
-                lambda: encode_scenes(model, scenes, cfg.render_workers, progress=progress, desc="train images",
-                                      n_blocks=k), log)
+                lambda: encode_scenes(model, scenes, k, cfg.render_workers, progress=progress,
+                                      desc="train images"), log)
     variants = [list(split.texts[:n])]
     if cfg.reword:
         variants += [split.family_texts(f, seed=cfg.seed)[:n] for f in SOURCE_TEXT_FAMILIES]
