@@ -34,7 +34,8 @@ from qshift.data.karpathy import ImageTextDataset
 from qshift.data.task import QueryRelevance, RetrievalTask
 from qshift.errors import UserError
 from qshift.shifts.image import CORRUPTIONS, SEVERITIES, available_corruptions
-from qshift.shifts.text import LEVELS, TEXT_PERTURBATIONS, real_lexicon_key
+from qshift.bench.cir_families import CIR_TEXT_PERTURBATIONS
+from qshift.shifts.text import ALL_TEXT_PERTURBATIONS, LEVELS, real_lexicon_key
 
 
 class _Pairs(Sequence):
@@ -151,8 +152,10 @@ def _values(*values):
 
 _FIQ, _CIRR, _CATS = _values("fashioniq"), _values("cirr"), _values(*FASHIONIQ_CATEGORIES)
 _CORR = {"corruption": available_corruptions, "severity": _values(*SEVERITIES)}
-_TEXT = {"perturbation": _values(*TEXT_PERTURBATIONS), "level": _values(*LEVELS)}
+_TEXT = {"perturbation": _values(*ALL_TEXT_PERTURBATIONS), "level": _values(*LEVELS)}
 _LISTED = {"corruption": _values(*CORRUPTIONS)}
+#: the text families list the composed task's corruptions, as the embedded CIR families do
+_LISTED_TEXT = {"perturbation": _values(*CIR_TEXT_PERTURBATIONS)}
 
 register_family(Family("fashioniq", "{dataset}/{category}", {"dataset": _FIQ, "category": _CATS}, _clean, "cir",
                        title="FashionIQ: clean (R@10)", column="{category}", summary="FashionIQ clean",
@@ -166,7 +169,7 @@ register_family(Family("fashioniq-c/text", "{dataset}-c/{category}/text/{perturb
                        {"dataset": _FIQ, "category": _CATS, **_TEXT}, _text_side, "cir",
                        title="FashionIQ-C {category}: caption perturbations, level {level} (R@10)",
                        column="{perturbation}", summary="FashionIQ-C {category} text L{level}",
-                       summary_rank=lambda p: (-p["level"],), needs_dataset=True))
+                       summary_rank=lambda p: (-p["level"],), needs_dataset=True, list_params=_LISTED_TEXT))
 register_family(Family("cirr", "{dataset}/{view}", {"dataset": _CIRR, "view": _values("clean")}, _clean, "cir",
                        title="CIRR: clean (R@1)", column="{view}", summary="CIRR clean", needs_dataset=True))
 register_family(Family("cirr-c/image", "{dataset}-c/{corruption}/{severity}", {"dataset": _CIRR, **_CORR},
@@ -176,4 +179,4 @@ register_family(Family("cirr-c/image", "{dataset}-c/{corruption}/{severity}", {"
 register_family(Family("cirr-c/text", "{dataset}-c/text/{perturbation}/{level}", {"dataset": _CIRR, **_TEXT},
                        _text_side, "cir", title="CIRR-C: caption perturbations, level {level} (R@1)",
                        column="{perturbation}", summary="CIRR-C text L{level}", summary_rank=lambda p: (-p["level"],),
-                       needs_dataset=True))
+                       needs_dataset=True, list_params=_LISTED_TEXT))

@@ -129,9 +129,10 @@ def _materialize_cir(dataset: str, data_root: Path, out: Path, corruption, sever
     """``qshift shifts materialize`` for FashionIQ / CIRR (:func:`qshift.data.cir_datasets.materialize_cir`)."""
     from qshift.data import cir_datasets as C
     from qshift.shifts.image import CORRUPTIONS, SEVERITIES
-    from qshift.shifts.text import LEVELS, TEXT_PERTURBATIONS
+    from qshift.bench.cir_families import CIR_TEXT_PERTURBATIONS
+    from qshift.shifts.text import LEVELS
 
-    perts = list(TEXT_PERTURBATIONS) if perturbation and "all" in perturbation else list(perturbation or [])
+    perts = list(CIR_TEXT_PERTURBATIONS) if perturbation and "all" in perturbation else list(perturbation or [])
     corrs = list(corruption or ([] if perts else CORRUPTIONS))
     try:
         if layout != "qshift":

@@ -48,7 +48,7 @@ from qshift.atomic import atomic_path, write_text_atomic
 from qshift.data.karpathy import read_rgb
 from qshift.errors import UserError
 from qshift.shifts.image import SEVERITIES, available_corruptions, corrupt_image
-from qshift.shifts.text import LEVELS, TEXT_PERTURBATIONS, perturb_real_texts
+from qshift.shifts.text import ALL_TEXT_PERTURBATIONS, LEVELS, perturb_real_texts
 
 FASHIONIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 FASHIONIQ_SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -453,9 +453,9 @@ def _check_shifts(corruptions: Sequence[str], severities: Sequence[int], perturb
         raise UserError(f"unknown corruption(s) {bad}; see `qshift shifts list`")
     if corruptions and (not severities or any(s not in SEVERITIES for s in severities)):
         raise UserError(f"severities must be among {SEVERITIES}, got {list(severities)}")
-    bad = [p for p in perturbations if p not in TEXT_PERTURBATIONS]
+    bad = [p for p in perturbations if p not in ALL_TEXT_PERTURBATIONS]
     if bad:
-        raise UserError(f"unknown text perturbation(s) {bad}; known: {', '.join(TEXT_PERTURBATIONS)}")
+        raise UserError(f"unknown text perturbation(s) {bad}; known: {', '.join(ALL_TEXT_PERTURBATIONS)}")
     if perturbations and (not levels or any(lvl not in LEVELS for lvl in levels)):
         raise UserError(f"text perturbation levels must be among {LEVELS}, got {list(levels)}")
 
