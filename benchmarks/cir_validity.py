@@ -45,7 +45,7 @@ def rows() -> list[tuple[str, str, tuple[str, ...]]]:
 
 def run(split: str, seed: int, max_queries: int | None) -> None:
     path = OUT / f"{split}.json"
-    model_id = world_identity(composed=True)
+    model_id = world_identity(task="composed")
     old = json.loads(path.read_text()) if path.is_file() else {}
     same = old.get("model") == model_id and old.get("max_queries") == max_queries
     results = old.get("rows", {}) if same else {}

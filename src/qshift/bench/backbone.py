@@ -5,6 +5,7 @@ dataset its benchmarks read."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from qshift.data import world
 from qshift.data.retrieval_datasets import load_dataset
 from qshift.models.protocol import RetrievalModel, default_lr
 from qshift.data.task import task_of
+from qshift.models.av_model import shipped_av_weights_path
 from qshift.models.cir_model import shipped_cir_model_path
 from qshift.models.world_model import shipped_weights_path
 
@@ -37,36 +39,47 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def world_identity(weights: str | Path | None = None, composed: bool = False) -> dict[str, Any]:
+#: the identity key naming a task's own checkpoint in a world-model cell of that task (absent from other
+#: cells' identities), and where the shipped one lies: the world model answers the composed task with the
+#: CIR checkpoint and the video-audio task with the AV model
+TASK_IDENTITY_KEYS: dict[str, tuple[str, Callable[[], Path]]] = {
+    "composed": ("cir_weights_sha256", shipped_cir_model_path),
+    "video-audio": ("av_weights_sha256", shipped_av_weights_path),
+}
+CIR_IDENTITY_KEY = TASK_IDENTITY_KEYS["composed"][0]
+
+
+def world_identity(weights: str | Path | None = None, task: str | None = None, *,
+                   all_tasks: bool = False) -> dict[str, Any]:
     """The embedded world model's identity: its weights file (SHA-256) and the world's rendering version;
-    with ``composed`` (a direction of the composed task), also the CIR checkpoint the world model
-    answers that direction with (``weights``, else the shipped ``cir_model.pt``)."""
+    for a ``task`` with its own checkpoint (:data:`TASK_IDENTITY_KEYS`), also that checkpoint's digest
+    (``weights``, else the shipped one); ``all_tasks``: every shipped task checkpoint present."""
     path = Path(weights) if weights else shipped_weights_path()
     if not path.is_file():
         raise FileNotFoundError(f"world-model weights not found: {path}")
     out = {"weights_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "world_version": WORLD_VERSION,
            "render_size": world.RENDER_SIZE, **world.world_variant()}
-    if composed:
-        cir = Path(weights) if weights else shipped_cir_model_path()
-        if not cir.is_file():
-            raise FileNotFoundError(f"CIR model weights not found: {cir}")
-        out[CIR_IDENTITY_KEY] = file_digest(cir)
+    for name, (key, shipped) in TASK_IDENTITY_KEYS.items():
+        if name == task:
+            own = Path(weights) if weights else shipped()
+            if not own.is_file():
+                raise FileNotFoundError(f"{name} model weights not found: {own}")
+            out[key] = file_digest(own)
+        elif all_tasks and shipped().is_file():
+            out[key] = file_digest(Path(weights) if weights else shipped())
     return out
 
 
-#: the identity key naming the CIR checkpoint of a composed-task cell (absent from other cells' identities)
-CIR_IDENTITY_KEY = "cir_weights_sha256"
-
-
 def same_model(recorded: dict[str, Any] | None, current: dict[str, Any]) -> bool:
-    """Whether a cell's recorded backbone identity is ``current``'s: equal once the CIR checkpoint key is
-    dropped, and equal in that key too when the cell (a composed-task cell) recorded one."""
+    """Whether a cell's recorded backbone identity is ``current``'s: equal once the task-checkpoint keys are
+    dropped, and equal in such a key too when the cell (a composed or video-audio cell) recorded one."""
     if not isinstance(recorded, dict):
         return False
-    strip = lambda d: {k: v for k, v in d.items() if k != CIR_IDENTITY_KEY}  # noqa: E731
+    keys = {k for k, _ in TASK_IDENTITY_KEYS.values()}
+    strip = lambda d: {k: v for k, v in d.items() if k not in keys}  # noqa: E731
     if strip(recorded) != strip(current):
         return False
-    return CIR_IDENTITY_KEY not in recorded or recorded[CIR_IDENTITY_KEY] == current.get(CIR_IDENTITY_KEY)
+    return all(k not in recorded or recorded[k] == current.get(k) for k in keys)
 
 
 class GridBackbone:
@@ -119,10 +132,11 @@ class GridBackbone:
         return out
 
     def identity_for(self, direction: str) -> dict[str, Any]:
-        """The identity a cell of ``direction`` records: :attr:`identity`, plus the CIR checkpoint's digest
-        for the world model's composed-task directions."""
-        if self.spec == "world" and task_of(direction).name == "composed":
-            return {**self.identity, **world_identity(self.weights, composed=True)}
+        """The identity a cell of ``direction`` records: :attr:`identity`, plus the task checkpoint's digest
+        for the world model's composed and video-audio directions."""
+        task = task_of(direction).name
+        if self.spec == "world" and task in TASK_IDENTITY_KEYS:
+            return {**self.identity, **world_identity(self.weights, task)}
         return self.identity
 
     def model(self, direction: str) -> RetrievalModel:

@@ -51,7 +51,7 @@ def current_model(out: str | Path) -> dict | None:
     raw = json.loads(spec_path.read_text()).get("spec", {})
     try:
         if raw.get("model", "world") == "world":
-            return world_identity(raw.get("weights"), composed=True)
+            return world_identity(raw.get("weights"), all_tasks=True)
         return backbone_of(GridSpec(**raw)).identity
     except (FileNotFoundError, ValueError, OSError):
         return None

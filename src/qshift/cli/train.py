@@ -1,5 +1,5 @@
-"""``qshift train-world-model`` (train or fine-tune the embedded world's source model) and ``qshift train-cir-model``
-(train the CIR world's combiner on the frozen world towers)."""
+"""``qshift train-world-model`` (train or fine-tune the embedded world's source model), ``qshift train-cir-model``
+(the CIR world's combiner over the world towers) and ``qshift train-av-model`` (the video-audio world's model)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -158,5 +158,41 @@ def train_cir_model_cmd(
         [f"--seed {seed}"] + [_flag(k, v) for k, v in overrides.items() if k != "cache_dir"]
         + ([f"--out {out}"] if out is not None else []))
     _, record = train_cir_model(cfg, out=target, log=lambda s: console.print(s), command=command)
+    console.print(f"weights: {target} ({record['weights']['bytes'] / 1e6:.1f} MB)\n"
+                  f"model card: {target.with_suffix('.md')}")
+
+
+@app.command("train-av-model")
+def train_av_model_cmd(
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the AV checkpoint (.pt) and the model card "
+                                                     "(.md beside it); default: the package's shipped av_model.pt.")]
+    = None,
+    seed: Annotated[int, typer.Option(help="Seed for the initialisation, batches and augmentation.")] = 0,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs over the train clips (the best on val is "
+                                                              "kept).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2, help="Clips per InfoNCE batch.")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (AdamW, cosine).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=1e-4, help="Fixed InfoNCE temperature.")] = None,
+    train_clips: Annotated[Optional[int], typer.Option(min=2, help="Use the first N train clips.")] = None,
+    val_clips: Annotated[Optional[int], typer.Option(min=2, help="Select the epoch on the first N val clips "
+                                                                 "(shipped: 1000).")] = None,
+    test_clips: Annotated[Optional[int], typer.Option(min=2, help="Report the first N test clips (default: all "
+                                                                  "2,000).")] = None,
+) -> None:
+    """Train the video-audio world's source model (a CAV-MAE-shaped dual encoder, from scratch) as the shipped
+    one was trained, and write its model card."""
+    from dataclasses import replace
+
+    from qshift.models.av_model import shipped_av_weights_path
+    from qshift.train.av_training import AVTrainConfig, train_av_model
+
+    overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr, "temperature": temperature,
+                                   "train_clips": train_clips, "val_clips": val_clips,
+                                   "test_clips": test_clips}.items() if v is not None}
+    cfg = replace(AVTrainConfig(seed=seed), **overrides)
+    target = out if out is not None else shipped_av_weights_path()
+    command = "qshift train-av-model " + " ".join(
+        [f"--seed {seed}"] + [_flag(k, v) for k, v in overrides.items()] + ([f"--out {out}"] if out is not None else []))
+    _, record = train_av_model(cfg, out=target, log=lambda s: console.print(s), command=command)
     console.print(f"weights: {target} ({record['weights']['bytes'] / 1e6:.1f} MB)\n"
                   f"model card: {target.with_suffix('.md')}")

@@ -33,7 +33,26 @@ def shuffle_queries(items: Any, grid: int, gen: torch.Generator) -> Any:
     analogue — permute each caption's words, which keeps the bag of words and breaks word order (for
     the world's captions, which attribute binds to which object and where).  Composed queries (a list of
     (image, text) pairs): each half by its own rule — the image patch-shuffled, the text word-shuffled.
+    Video clips (uint8 [B, T, H, W, C]): every frame patch-shuffled (its own permutation), so appearance is
+    kept and layout destroyed.  Audio (float waveforms [B, N]): cut into ``grid × grid`` equal segments in
+    time and permuted — the spectrogram-patch shuffle along time, done on the waveform the model reads
+    (pitch and timbre are kept; rhythm, envelope and onsets are broken).
     """
+    if isinstance(items, np.ndarray) and items.ndim == 5:
+        B, T = items.shape[:2]
+        frames = shuffle_queries(items.reshape(B * T, *items.shape[2:]), grid, gen)
+        return frames.reshape(items.shape)
+    if isinstance(items, np.ndarray) and items.ndim == 2 and np.issubdtype(items.dtype, np.floating):
+        k = grid * grid
+        B, N = items.shape
+        seg = N // k
+        if seg == 0:
+            raise ValueError(f"waveforms of {N} samples are too short for {k} shuffled segments")
+        out = items.copy()
+        for b in range(B):
+            perm = torch.randperm(k, generator=gen).numpy()
+            out[b, : seg * k] = items[b, : seg * k].reshape(k, seg)[perm].reshape(-1)
+        return out
     if isinstance(items, (list, tuple)) and items and isinstance(items[0], (list, tuple)):
         images = shuffle_queries(np.stack([np.asarray(im) for im, _ in items]), grid, gen)
         texts = shuffle_queries([t for _, t in items], grid, gen)
@@ -106,7 +125,8 @@ class DeYO(Method):
     """DeYO (Lee et al., ICLR 2024): entropy of queries that are confident *and* whose prediction
     depends on structure — the probability of the predicted gallery item must drop by more than
     ``plpd_threshold`` when the query is shuffled (PLPD).  Image queries are patch-shuffled; text
-    queries are word-shuffled (the token-shuffle analogue; see :func:`shuffle_queries`).  Kept queries
+    queries are word-shuffled (the token-shuffle analogue); video frames are each patch-shuffled and audio
+    is cut into time segments that are permuted (see :func:`shuffle_queries`).  Kept queries
     are weighted by exp(E0 − H) + exp(PLPD), as in the paper.
     """
 

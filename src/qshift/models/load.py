@@ -20,7 +20,7 @@ from qshift.models.protocol import RetrievalModel, check_retrieval_model, one_li
 
 MODEL_SPECS = ("world", "openclip:ARCH", "hf-clip:PATH", "hf-blip:PATH", "custom:module:factory")
 #: the tasks each kind of backbone serves (a custom factory builds whatever its direction's modalities are)
-SERVED_TASKS: dict[str, tuple[str, ...]] = {"world": ("image-text", "composed"),
+SERVED_TASKS: dict[str, tuple[str, ...]] = {"world": ("image-text", "composed", "video-audio"),
                                             "openclip": ("image-text", "composed"),
                                             "hf-clip": ("image-text", "composed"), "hf-blip": ("image-text",),
                                             "custom": tuple(TASKS)}
@@ -33,7 +33,8 @@ def load_model(name: str = "world", direction: str = "i2t", weights: str | Path 
                preprocess: str = "model", device: str = "cpu", **options: Any) -> RetrievalModel:
     """A RetrievalModel from a spec (the CLI's ``--model``):
 
-    - ``world``: the shipped embedded model (``weights``: another file); for the composed task's ``cir``, the
+    - ``world``: the shipped embedded model (``weights``: another file); for ``v2a`` / ``a2v``, the shipped AV
+      model (:mod:`qshift.models.av_model`; ``weights``: a ``qshift train-av-model`` checkpoint); for the composed task's ``cir``, the
       shipped CIR model (``weights``: a ``qshift train-cir-model`` checkpoint; options ``fusion`` =
       ``combiner`` / ``sum`` / ``interp`` and ``alpha``, see :func:`qshift.models.cir_model.load_cir_model`);
     - ``openclip:ARCH``: open_clip architecture ARCH (a name or a model-config JSON); ``weights`` is required:
@@ -63,6 +64,11 @@ def load_model(name: str = "world", direction: str = "i2t", weights: str | Path 
     if kind in SERVED_TASKS:
         _check_served(name, kind, direction)
     if kind == "world" and not rest:
+        if DIRECTIONS[direction].task == "video-audio":  # the AV world's model (qshift.models.av_model)
+            from qshift.models.av_model import load_av_model
+
+            _no_options(name, options, ())
+            return load_av_model(weights, direction, device=dev)
         if DIRECTIONS[direction].task == "composed":  # the world's CIR model: its towers and combiner
             from qshift.models.cir_model import FUSIONS, load_cir_model
 
