@@ -94,7 +94,7 @@ def corrupted_videos(split: av_world.AVSplit, corruption: str, severity: int, se
 def temporal_videos(split: av_world.AVSplit, shift: str, severity: int, seed: int, rows: np.ndarray) -> np.ndarray:
     """Clips ``rows`` under the temporal shift ``shift`` at ``severity``; cached."""
     return _cached(split, {"what": "video-t", "shift": shift, "severity": severity, "seed": seed}, rows,
-                   lambda r: video_shifts.corrupt_temporal_batch(clean_videos(split, r), shift, severity, r, seed))
+                   lambda r: video_shifts.corrupt_temporal_clips(clean_videos(split, r), shift, severity, r, seed))
 
 
 def noisy_audios(split: av_world.AVSplit, corruption: str, severity: int, seed: int, rows: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ def eval_cmd(
     from qshift.models.world_model import load_world_model
 
     t0 = time.time()
-    if model != "world" or dataset is not None or model_option or _any_composed(benchmark or []):
+    if model != "world" or dataset is not None or model_option or _any_other_task(benchmark or []):
         if not benchmark:
             err.print("[red]error:[/red] a real backbone or dataset needs --benchmark (e.g. coco/i2t, coco-c/i2t/fog/5)")
             raise typer.Exit(2)
@@ -92,9 +92,10 @@ def eval_cmd(
                       f"{len(data.captions)} captions)", t0)
 
 
-def _any_composed(benchmarks: list[str]) -> bool:
-    """Whether a benchmark of the list belongs to the composed task (the world answers it with its CIR
-    model, through the same path as a real backbone); unknown names are left to the caller's error."""
+def _any_other_task(benchmarks: list[str]) -> bool:
+    """Whether a benchmark of the list belongs to a task other than image-text (the world answers the
+    composed and video-audio tasks with their own models, through the same path as a real backbone);
+    unknown names are left to the caller's error."""
     from qshift.bench.registry import resolve
     from qshift.data.task import task_of
 
@@ -103,7 +104,7 @@ def _any_composed(benchmarks: list[str]) -> bool:
             fam, params = resolve(name)
         except ValueError:
             continue
-        if task_of(fam.direction_of(params)).name == "composed":
+        if task_of(fam.direction_of(params)).name != "image-text":
             return True
     return False
 

@@ -8,7 +8,8 @@ audio sample ``n`` at ``n / SAMPLE_RATE``, so picture and sound follow one traje
 
 An object moving in a straight line is reflected by the walls (its bounding circle stays
 ``radius + 2`` px inside the frame, the world's placement margin); the times of those reflections are
-drawn into the latent when the scene is drawn, and the frame each falls in is part of the object's key.
+worked out and stored in the latent when the scene is drawn, and the frame each falls in is part of the
+object's key.
 Circling objects orbit inside the walls and never bounce.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qshift.data.world import IMAGE_SIZE, Background, Scene, WorldObject, sample_scene
+from qshift.data.world import (COLOURS, IMAGE_SIZE, SHAPES, SIZE_RADIUS, SIZES, Background, Scene, WorldObject,
+                               sample_scene)
+from qshift.errors import UserError
 
 #: clip length in seconds, and the video frames it is cut into
 DURATION = 1.0
@@ -37,6 +40,8 @@ OBJECT_COUNT_P: tuple[float, float] = (0.4, 0.6)
 #: the gap kept between two objects' bounding circles at every frame and half-frame
 _GAP = 2.0
 _WALL = 2.0  # the world's placement margin beyond the radius
+_ORBIT_ANGLES = 64
+_LAYOUT_TRIES = 50
 
 
 @dataclass(frozen=True)
@@ -152,29 +157,68 @@ _HEADINGS: dict[str, tuple[float, ...]] = {
 }
 
 
-def _draw_motion(rng: np.random.Generator, o: WorldObject) -> AVObject | None:
-    """``o`` set in motion by a random draw; None when the drawn orbit does not fit inside the walls."""
-    motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+def _set_moving(rng: np.random.Generator, o: WorldObject, motion: str, speed: str) -> AVObject | None:
+    """``o`` set in ``motion`` at ``speed`` (heading, orbit drawn); None when its orbit cannot fit."""
     base = dict(shape=o.shape, colour=o.colour, size=o.size, x=o.x, y=o.y, radius=o.radius,
                 rotation=o.rotation, tint=o.tint)
     if motion == "static":
         return AVObject(**base)
-    speed = SPEEDS[int(rng.integers(len(SPEEDS)))]
     if motion == "circle":
-        heading = float(rng.uniform(0, 2 * math.pi))
-        orbit = float(rng.uniform(*ORBIT_RADIUS))
-        turn = 1 if rng.random() < 0.5 else -1
         lo, hi = o.radius + _WALL, IMAGE_SIZE - o.radius - _WALL
-        cx, cy = o.x - orbit * math.cos(heading), o.y - orbit * math.sin(heading)
-        if min(cx, cy) - orbit < lo or max(cx, cy) + orbit > hi:
+        turn = 1 if rng.random() < 0.5 else -1
+        orbit = float(rng.uniform(*ORBIT_RADIUS))
+        # the start angles (of evenly spaced candidates) whose orbit stays inside the walls
+        angles = rng.uniform(0, 2 * math.pi) + np.arange(_ORBIT_ANGLES) * (2 * math.pi / _ORBIT_ANGLES)
+        cx, cy = o.x - orbit * np.cos(angles), o.y - orbit * np.sin(angles)
+        fits = np.flatnonzero((np.minimum(cx, cy) - orbit >= lo) & (np.maximum(cx, cy) + orbit <= hi))
+        if fits.size == 0:
             return None
+        heading = float(angles[fits[int(rng.integers(fits.size))]] % (2 * math.pi))
         return AVObject(**base, motion=motion, speed=speed, heading=heading, turn=turn, orbit=orbit)
     options = _HEADINGS[motion]
     heading = options[int(rng.integers(len(options)))]
+    return AVObject(**base, motion=motion, speed=speed, heading=heading,
+                    bounces=_bounce_times(o.x, o.y, o.radius, speed, heading))
+
+
+def _bounce_times(x: float, y: float, radius: float, speed: str, heading: float) -> tuple[float, ...]:
+    """A straight-line mover's bounce times (seconds) within the clip, in order."""
+    lo, hi = radius + _WALL, IMAGE_SIZE - radius - _WALL
     v = LINEAR_SPEED[speed]
-    lo, hi = o.radius + _WALL, IMAGE_SIZE - o.radius - _WALL
-    hits = _wall_hits(o.x, v * math.cos(heading), lo, hi) + _wall_hits(o.y, v * math.sin(heading), lo, hi)
-    return AVObject(**base, motion=motion, speed=speed, heading=heading, bounces=tuple(sorted(hits)))
+    return tuple(sorted(_wall_hits(x, v * math.cos(heading), lo, hi) + _wall_hits(y, v * math.sin(heading), lo, hi)))
+
+
+def make_av_object(shape: str, colour: str, size: str, x: float, y: float, motion: str = "static",
+                   speed: str = "none", heading: float = 0.0, *, radius: float | None = None,
+                   rotation: float = 0.0, tint: tuple[int, int, int] = (0, 0, 0), turn: int = 1,
+                   orbit: float | None = None) -> AVObject:
+    """An object built by hand (for probes and tests), its bounces derived as a drawn object's are.
+    ``radius`` defaults to the middle of the size's range, ``orbit`` to the middle of :data:`ORBIT_RADIUS`;
+    a straight-line ``heading`` need not be one the draw uses."""
+    if shape not in SHAPES or colour not in COLOURS or size not in SIZES:
+        raise UserError(f"unknown object {size!r} {colour!r} {shape!r}; known shapes {SHAPES}, colours "
+                        f"{tuple(COLOURS)}, sizes {SIZES}")
+    if motion not in MOTIONS:
+        raise UserError(f"unknown motion {motion!r}; known: {', '.join(MOTIONS)}")
+    if (motion == "static") != (speed == "none") or (motion != "static" and speed not in SPEEDS):
+        raise UserError(f"a {motion} object's speed must be {'none' if motion == 'static' else SPEEDS}, got {speed!r}")
+    r = float(np.mean(SIZE_RADIUS[size])) if radius is None else float(radius)
+    lo, hi = r + _WALL, IMAGE_SIZE - r - _WALL
+    if not (lo <= x <= hi and lo <= y <= hi):
+        raise UserError(f"an object of radius {r:.1f} must start within [{lo:.1f}, {hi:.1f}] px, got ({x}, {y})")
+    base = dict(shape=shape, colour=colour, size=size, x=float(x), y=float(y), radius=r, rotation=float(rotation),
+                tint=tuple(int(t) for t in tint))
+    if motion == "static":
+        return AVObject(**base)
+    if motion == "circle":
+        rho = float(np.mean(ORBIT_RADIUS)) if orbit is None else float(orbit)
+        cx, cy = x - rho * math.cos(heading), y - rho * math.sin(heading)
+        if min(cx, cy) - rho < lo or max(cx, cy) + rho > hi or turn not in (1, -1):
+            raise UserError(f"an orbit of {rho:.1f} px at start angle {heading:.2f} (turn {turn}) does not fit "
+                            f"inside [{lo:.1f}, {hi:.1f}] px")
+        return AVObject(**base, motion=motion, speed=speed, heading=float(heading), turn=turn, orbit=rho)
+    return AVObject(**base, motion=motion, speed=speed, heading=float(heading),
+                    bounces=_bounce_times(x, y, r, speed, heading))
 
 
 def _apart(objects: list[AVObject]) -> bool:
@@ -190,13 +234,22 @@ def _apart(objects: list[AVObject]) -> bool:
 
 
 def sample_av_scene(rng: np.random.Generator, n_objects: int | None = None) -> AVScene:
-    """Draw a random clip: the image world's scene of 1–2 objects (its background, shapes, colours, sizes,
-    start positions), each object then given a motion; objects never touch during the clip."""
-    for _ in range(1000):
+    """Draw a random clip: 1–2 objects, each with a motion and speed drawn uniformly, placed by the image
+    world's scene draw (background, shapes, colours, sizes, start positions) until the motions fit: orbits
+    inside the walls, objects never touching during the clip."""
+    if n_objects not in (None, 1, 2):
+        raise UserError(f"an AV scene has 1 or 2 objects, got n_objects={n_objects!r}")
+    for _ in range(100):
         n = int(rng.choice([1, 2], p=OBJECT_COUNT_P)) if n_objects is None else n_objects
-        scene = sample_scene(rng, n)
-        for _ in range(20):
-            objs = [_draw_motion(rng, o) for o in scene.objects]
+        plan = []
+        for _ in range(n):
+            motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
+            plan.append((motion, "none" if motion == "static" else SPEEDS[int(rng.integers(len(SPEEDS)))]))
+        # the motions are kept and the layout redrawn, so that the motions' mix is not skewed towards
+        # those that fit most layouts (static ones)
+        for _ in range(_LAYOUT_TRIES):
+            scene = sample_scene(rng, n)
+            objs = [_set_moving(rng, o, m, v) for o, (m, v) in zip(scene.objects, plan)]
             if all(o is not None for o in objs) and _apart(objs):
                 return AVScene(objects=tuple(objs), background=scene.background, noise_seed=scene.noise_seed)
-    raise RuntimeError("could not set a scene's objects in motion")  # pragma: no cover - never seen
+    raise RuntimeError("could not lay out a clip's moving objects")  # pragma: no cover - never seen

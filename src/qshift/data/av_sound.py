@@ -60,8 +60,10 @@ _BURST_S = 0.05
 _BURST_DECAY_S = 0.012
 _FADE_S = 0.01
 
-_TIME = np.arange(AUDIO_SAMPLES) / SAMPLE_RATE
-_CONTROL = np.linspace(0.0, DURATION, int(DURATION * 1000) + 1)
+#: the control rate's hop (1 ms), the control times and each hop's interpolation weights
+_HOP = SAMPLE_RATE // 1000
+_CONTROL = np.arange(AUDIO_SAMPLES // _HOP + 1) * _HOP / SAMPLE_RATE
+_HOP_FRAC = np.arange(_HOP) / _HOP
 
 
 def fundamental(colour: str, size: str) -> float:
@@ -77,29 +79,38 @@ def _burst(seed: tuple[int, ...]) -> np.ndarray:
     return click / np.abs(click).max()
 
 
-def _partials(phase: np.ndarray, partials: tuple[tuple[float, float], ...]) -> np.ndarray:
-    """The sum of ``amplitude · sin(ratio · phase)`` over the partials, divided by the amplitudes' sum.
+def _upsample(control: np.ndarray) -> np.ndarray:
+    """Values at the control times, linearly interpolated to every sample: float64 [AUDIO_SAMPLES]."""
+    return (control[:-1, None] + np.diff(control)[:, None] * _HOP_FRAC).reshape(-1)
 
-    Integer harmonics come from the Chebyshev recurrence sin((n+1)φ) = 2 cos φ · sin(nφ) − sin((n−1)φ),
-    three array operations each instead of a sine, which makes synthesis several times cheaper."""
-    wrapped = np.mod(phase, 2 * math.pi)
-    s1 = np.sin(wrapped)
-    c2 = 2.0 * np.cos(wrapped)
+
+def _sines(cycles: np.ndarray, ratio: float) -> np.ndarray:
+    """sin(2π · ratio · cycles) in float32, its argument wrapped first to keep float32's precision."""
+    c = ratio * cycles
+    return np.sin((2 * math.pi) * (c - np.floor(c)).astype(np.float32))
+
+
+def _partials(cycles: np.ndarray, partials: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """The sum of ``amplitude · sin(2π · ratio · cycles)`` over the partials over the amplitudes' sum,
+    float32.  Integer harmonics come from the Chebyshev recurrence
+    sin((n+1)φ) = 2 cos φ · sin(nφ) − sin((n−1)φ): three array operations each instead of a sine."""
+    s1 = _sines(cycles, 1.0)
+    c2 = 2.0 * _sines(cycles + 0.25, 1.0)  # 2 cos φ
     harmonic = {round(r): a for r, a in partials if float(r).is_integer()}
-    out = np.zeros_like(phase)
-    prev, cur = np.zeros_like(phase), s1
+    out = np.zeros_like(s1)
+    prev, cur = np.zeros_like(s1), s1
     for n in range(1, max(harmonic, default=0) + 1):
         if n in harmonic:
-            out += harmonic[n] * cur
+            out += np.float32(harmonic[n]) * cur
         prev, cur = cur, c2 * cur - prev
     for r, a in partials:
         if not float(r).is_integer():
-            out += a * np.sin(r * phase)
-    return out / sum(a for _, a in partials)
+            out += np.float32(a) * _sines(cycles, r)
+    return out / np.float32(sum(a for _, a in partials))
 
 
 def _voice(o: AVObject, seed: tuple[int, ...]) -> np.ndarray:
-    """One object's voice over the clip, float64 [AUDIO_SAMPLES], peak at most 1."""
+    """One object's voice over the clip, float32 [AUDIO_SAMPLES], peak at most 1."""
     # pitch and loudness follow the trajectory at a 1 kHz control rate, interpolated to the samples
     pos = o.positions(_CONTROL)
     bend = GLIDE_SEMITONES * (1.0 - 2.0 * pos[:, 1] / IMAGE_SIZE)
@@ -107,10 +118,10 @@ def _voice(o: AVObject, seed: tuple[int, ...]) -> np.ndarray:
     loud = SIZE_GAIN[o.size] * (0.35 + 0.65 * pos[:, 0] / IMAGE_SIZE)
     if o.motion != "static":
         loud = loud * (1.0 - TREMOLO_DEPTH * 0.5 * (1.0 - np.cos(2 * math.pi * TREMOLO_RATE[o.speed] * _CONTROL)))
-    phase = (2 * math.pi / SAMPLE_RATE) * np.cumsum(np.interp(_TIME, _CONTROL, freq))
-    out = TONE_GAIN * np.interp(_TIME, _CONTROL, loud) * _partials(phase, TIMBRES[o.shape])
+    cycles = np.cumsum(_upsample(freq)) / SAMPLE_RATE
+    out = (TONE_GAIN * _upsample(loud)).astype(np.float32) * _partials(cycles, TIMBRES[o.shape])
     if o.bounces:
-        click = BOUNCE_GAIN * SIZE_GAIN[o.size] * _burst(seed)
+        click = (BOUNCE_GAIN * SIZE_GAIN[o.size] * _burst(seed)).astype(np.float32)
         for b in o.bounces:
             at = int(round(b * SAMPLE_RATE))
             end = min(AUDIO_SAMPLES, at + click.size)

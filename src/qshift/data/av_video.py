@@ -20,8 +20,8 @@ from qshift.data.world_render import DOMAINS, SUPERSAMPLE, _background, _shape_p
 from qshift.data.world_scenes import COLOURS, IMAGE_SIZE, WorldObject
 from qshift.errors import UserError
 
-#: frame size in px: the smallest of 32 / 48 / 64 at which a frame's objects stay legible (docs in
-#: :mod:`qshift.data.av_world`)
+#: frame size in px: of 32 / 48 / 64 the smallest, at which shape, colour and size stay legible (the
+#: measurements are in :mod:`qshift.data.av_world`'s docstring)
 VIDEO_SIZE = 32
 
 
