@@ -53,7 +53,7 @@ class AVModelConfig:
     mel_bins: int = 128
     audio_patch: tuple[int, int] = (8, 16)  # (time, frequency) patch of the filterbank
     fbank_mean: float = 0.0  # the filterbank normalisation (audio_features.normalise)
-    fbank_std: float = 0.5
+    fbank_std: float = 1.0
     width: int = 128
     heads: int = 4
     mlp_ratio: int = 4

@@ -80,8 +80,8 @@ def _render(split: AVSplit, n: int | None, progress: bool, log, what: str) -> tu
 
 
 def _raw_fbanks(audios: np.ndarray, target: int, sample_rate: int, bins: int) -> np.ndarray:
-    """Unnormalised filterbanks [n, target, bins] (mean 0 / std 0.5 normalisation is the identity)."""
-    return audio_features.features(audios, target, 0.0, 0.5, sample_rate=sample_rate, num_mel_bins=bins)
+    """Unnormalised filterbanks [n, target, bins] (mean 0 / std 1 normalisation is the identity)."""
+    return audio_features.features(audios, target, 0.0, 1.0, sample_rate=sample_rate, num_mel_bins=bins)
 
 
 def _augment_video(x: torch.Tensor, cfg: AVTrainConfig, gen: torch.Generator) -> torch.Tensor:
@@ -289,7 +289,7 @@ def render_av_card(card: dict) -> str:
         f"{(mc['frame_size'] // 4 // mc['video_patch']) ** 2} tokens per frame), spatial + temporal positions, "
         f"{mc['video_depth']} video blocks.",
         f"- Audio: Kaldi log-mel filterbanks ({mc['mel_bins']} bins, 10 ms shift, {mc['audio_frames']} frames, "
-        f"normalised (x − {mc['fbank_mean']:.3f}) / (2 · {mc['fbank_std']:.3f}) as CAV-MAE does), a "
+        f"normalised (x − {mc['fbank_mean']:.3f}) / {mc['fbank_std']:.3f} as CAV-MAE does), a "
         f"{mc['audio_patch'][0]}×{mc['audio_patch'][1]} patch embedding, {mc['audio_depth']} audio blocks.",
         f"- Then {mc['shared_depth']} shared block(s) (attention and MLP shared, LayerNorms per modality), a "
         f"per-modality LayerNorm over the mean-pooled tokens and a linear head to {mc['embed_dim']} d "
