@@ -95,7 +95,7 @@ def test_existing_commands_offer_only_image_text_directions():
 
 
 #: the directions each built-in backbone serves (src/qshift/models/load.py's SERVED_TASKS)
-SERVES = {"world": "i2t, t2i, cir", "openclip:ViT-B-32": "i2t, t2i, cir", "hf-clip:/nowhere": "i2t, t2i, cir",
+SERVES = {"world": "i2t, t2i, cir, v2a, a2v", "openclip:ViT-B-32": "i2t, t2i, cir", "hf-clip:/nowhere": "i2t, t2i, cir",
           "hf-blip:/nowhere": "i2t, t2i"}
 
 
@@ -109,7 +109,7 @@ def test_builtin_backbones_name_the_task_they_do_not_serve(spec, direction):
 
 
 def test_an_unknown_direction_is_still_a_direction_error():
-    with pytest.raises(UserError, match="--direction must be one of i2t, t2i, cir, got 'x2y'"):
+    with pytest.raises(UserError, match="--direction must be one of i2t, t2i, cir, v2a, a2v, got 'x2y'"):
         load_model("world", "x2y")
     with pytest.raises(UserError, match="unknown direction 'x2y'"):
         load_custom("nosuch", "build", "x2y")

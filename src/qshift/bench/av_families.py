@@ -29,7 +29,7 @@ from qshift.bench import cache, world_data
 from qshift.bench.families import _order, _Orders
 from qshift.bench.registry import BuildContext, Family, register_family
 from qshift.data import av_world, streams
-from qshift.data.task import RetrievalTask
+from qshift.data.task import RetrievalTask, gallery_modality, query_modality
 from qshift.shifts import audio as audio_shifts
 from qshift.shifts import video as video_shifts
 from qshift.data.world_render import DOMAINS as RENDER_DOMAINS
@@ -106,18 +106,19 @@ def noisy_audios(split: av_world.AVSplit, corruption: str, severity: int, seed: 
 def shifted_queries(split: av_world.AVSplit, direction: str, domain: str, seed: int, rows: np.ndarray) -> np.ndarray:
     """Queries ``rows`` of ``direction`` under ``domain``: ``clean``, a render domain, or ``name-severity``
     (a video corruption or temporal shift for v2a, an audio corruption for a2v)."""
+    video = query_modality(direction) == "video"
     if domain == "clean":
-        return clean_videos(split, rows) if direction == "v2a" else clean_audios(split, rows)
-    if domain in RENDER_DOMAINS and direction == "v2a":
+        return clean_videos(split, rows) if video else clean_audios(split, rows)
+    if domain in RENDER_DOMAINS and video:
         return clean_videos(split, rows, domain)
     name, _, sev = domain.rpartition("-")
     if not sev.isdigit():
         raise ValueError(f"unknown {direction} query domain {domain!r}")
-    if direction == "v2a" and name in VIDEO_CORRUPTIONS:
+    if video and name in VIDEO_CORRUPTIONS:
         return corrupted_videos(split, name, int(sev), seed, rows)
-    if direction == "v2a" and name in TEMPORAL_SHIFTS:
+    if video and name in TEMPORAL_SHIFTS:
         return temporal_videos(split, name, int(sev), seed, rows)
-    if direction == "a2v" and name in AUDIO_CORRUPTIONS:
+    if not video and name in AUDIO_CORRUPTIONS:
         return noisy_audios(split, name, int(sev), seed, rows)
     raise ValueError(f"unknown {direction} query domain {domain!r}")
 
@@ -134,7 +135,7 @@ def _rows(ctx: BuildContext, n: int, n_sets: int = 1) -> np.ndarray:
 def _task(ctx: BuildContext, split: av_world.AVSplit, direction: str, sets: list[streams.QuerySet],
           stream_kind: str = "single", domain_order: list[int] | None = None, clean_rows=None) -> RetrievalTask:
     all_rows = np.arange(len(split))
-    gallery = clean_audios(split, all_rows) if direction == "v2a" else clean_videos(split, all_rows)
+    gallery = clean_videos(split, all_rows) if gallery_modality(direction) == "video" else clean_audios(split, all_rows)
     clean_rows = all_rows if clean_rows is None else clean_rows
     clean = streams.QuerySet("clean", shifted_queries(split, direction, "clean", ctx.shift_seed, clean_rows), clean_rows)
     return RetrievalTask("", direction, sets, gallery, all_rows.astype(np.int64), stream_kind, domain_order, clean)
@@ -152,7 +153,7 @@ def _single(domain_of: Callable[[dict], str]):
 
 def _mixed(ctx, p):
     split, direction = _split(ctx), p["direction"]
-    names = VIDEO_CORRUPTIONS if direction == "v2a" else AUDIO_CORRUPTIONS
+    names = VIDEO_CORRUPTIONS if query_modality(direction) == "video" else AUDIO_CORRUPTIONS
     assign = np.random.default_rng(ctx.shift_seed + 17).integers(len(names), size=len(split))
     keep = _rows(ctx, len(split))
     sets = []

@@ -25,12 +25,9 @@ from qshift.bench.families import _ids, _rows
 from qshift.bench.registry import BuildContext, Family, register_family
 from qshift.data import streams
 from qshift.data.av_datasets import AV_DATASETS, AVDataset, LazyAudios, LazyClips
-from qshift.data.task import RetrievalTask
+from qshift.data.task import RetrievalTask, gallery_modality, query_modality
 from qshift.errors import UserError
 from qshift.shifts.image import SEVERITIES
-
-#: what each direction's queries and gallery are
-_QUERY = {"v2a": "video", "a2v": "audio"}
 
 
 def _dataset(ctx: BuildContext, p: dict[str, Any]) -> AVDataset:
@@ -46,7 +43,7 @@ def _lazy(ds: AVDataset, modality: str, rows, **kw):
 
 
 def _task(ds: AVDataset, direction: str, domain: str, queries, idx: np.ndarray, meta: dict) -> RetrievalTask:
-    q, g = ("video", "audio") if direction == "v2a" else ("audio", "video")
+    q, g = query_modality(direction), gallery_modality(direction)
     clean = streams.QuerySet("clean", _lazy(ds, q, idx), idx)
     gallery = _lazy(ds, g, None)
     return RetrievalTask("", direction, [streams.QuerySet(domain, queries, idx)], gallery,
@@ -58,13 +55,13 @@ def _task(ds: AVDataset, direction: str, domain: str, queries, idx: np.ndarray, 
 def _clean(ctx, p):
     ds, direction = _dataset(ctx, p), p["direction"]
     idx = _ids(_rows(ctx, len(ds)), len(ds)).astype(np.int64)
-    return _task(ds, direction, "clean", _lazy(ds, _QUERY[direction], idx), idx, {"shift_source": "clean"})
+    return _task(ds, direction, "clean", _lazy(ds, query_modality(direction), idx), idx, {"shift_source": "clean"})
 
 
 def _corrupted(direction: str):
     def build(ctx, p):
         ds, c, sev = _dataset(ctx, p), p["corruption"], p["severity"]
-        modality = _QUERY[direction]
+        modality = query_modality(direction)
         idx = _ids(_rows(ctx, len(ds)), len(ds)).astype(np.int64)
         source = ds.corrupted_source(modality, c, sev)
         if source is not None:

@@ -119,6 +119,8 @@ def _load() -> None:
     from qshift.bench import families as _  # noqa: F401  (registers the built-in families; imports this module)
     from qshift.bench import cir_families as _cir  # noqa: F401  (the composed-retrieval families)
     from qshift.bench import cir_real_families as _cir_real  # noqa: F401  (FashionIQ-C, CIRR-C)
+    from qshift.bench import av_families as _av  # noqa: F401  (the embedded video-audio families)
+    from qshift.bench import av_real_families as _av_real  # noqa: F401  (VGGSound-C, KS50-C)
 
 
 def resolve(name: str, dataset_name: str | None = None) -> tuple[Family, dict[str, Any]]:

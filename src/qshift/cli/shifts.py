@@ -23,10 +23,11 @@ def shifts_list(
 ) -> None:
     """Print every registered benchmark name, one per line (or the families)."""
     from qshift.bench import registry
+    from qshift.data.av_datasets import AV_DATASETS
     from qshift.data.cir_datasets import CIR_DATASETS
     from qshift.data.retrieval_datasets import DATASET_NAMES as IMAGE_TEXT_DATASETS
 
-    DATASET_NAMES = IMAGE_TEXT_DATASETS + CIR_DATASETS
+    DATASET_NAMES = IMAGE_TEXT_DATASETS + CIR_DATASETS + AV_DATASETS
 
     if families:
         for fam in registry.families():
@@ -86,6 +87,12 @@ def shifts_materialize(
         _materialize_cir(dataset, data_root, out, corruption, severity, perturbation, level, annotation, seed,
                          layout, split, category)
         return
+    from qshift.data.av_datasets import AV_DATASETS
+
+    if dataset in AV_DATASETS:
+        _error(f"{dataset}: the video-audio benchmarks corrupt clips and soundtracks on the fly, or read READ's "
+               "pre-corrupted -C folders as they are (see docs/video-audio-real.md); there is nothing to materialize")
+        raise typer.Exit(2)
     if split is not None or category:
         _error("--split and --category are for fashioniq / cirr")
         raise typer.Exit(2)

@@ -34,6 +34,7 @@ from qshift.data.karpathy import (DATASETS as KARPATHY, ImageTextDataset, Record
                                   check_image_files, clean_caption, coco_folders, detect_format, find_annotation,
                                   image_folder, load_karpathy, parse_blip, parse_coco_captions, parse_karpathy,
                                   read_annotation, to_blip)
+from qshift.data.av_datasets import AV_DATASETS, load_av_dataset
 from qshift.data.cir_datasets import CIR_DATASETS, load_cir_dataset
 from qshift.errors import UserError
 
@@ -159,7 +160,9 @@ def load_dataset(name: str, data_root: str | Path, annotation: str | Path | None
         return load_fashiongen(data_root, annotation)
     if name in CIR_DATASETS:  # composed retrieval: FashionIQ / CIRR, their val split (qshift.data.cir_datasets)
         return load_cir_dataset(name, data_root, annotation, check_images)
-    raise UserError(f"unknown dataset {name!r}; supported: {', '.join(DATASET_NAMES)}")
+    if name in AV_DATASETS:  # video-audio: VGGSound / Kinetics-Sounds in READ's JSON (qshift.data.av_datasets)
+        return load_av_dataset(name, data_root, annotation, check_images, split=split)
+    raise UserError(f"unknown dataset {name!r}; supported: {', '.join(DATASET_NAMES + CIR_DATASETS + AV_DATASETS)}")
 
 
 def convert_annotation(source: str | Path, out: str | Path, dataset: str = "coco", split: str = "test",

@@ -18,11 +18,12 @@ from qshift.models.preprocess import PREPROCESS_MODES
 from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.models.protocol import RetrievalModel, check_retrieval_model, one_line
 
-MODEL_SPECS = ("world", "openclip:ARCH", "hf-clip:PATH", "hf-blip:PATH", "custom:module:factory")
+MODEL_SPECS = ("world", "openclip:ARCH", "hf-clip:PATH", "hf-blip:PATH", "cavmae:PATH", "custom:module:factory")
 #: the tasks each kind of backbone serves (a custom factory builds whatever its direction's modalities are)
 SERVED_TASKS: dict[str, tuple[str, ...]] = {"world": ("image-text", "composed", "video-audio"),
                                             "openclip": ("image-text", "composed"),
                                             "hf-clip": ("image-text", "composed"), "hf-blip": ("image-text",),
+                                            "cavmae": ("video-audio",),
                                             "custom": tuple(TASKS)}
 #: the directions the built-in backbones serve (what ``--direction`` offers)
 BUILTIN_DIRECTIONS: tuple[str, ...] = tuple(dict.fromkeys(d for kind, tasks in SERVED_TASKS.items() if kind != "custom"
@@ -44,6 +45,8 @@ def load_model(name: str = "world", direction: str = "i2t", weights: str | Path 
     - for ``cir``, ``openclip:ARCH`` / ``hf-clip:PATH`` build a composed model over those towers
       (:func:`qshift.models.cir_real.load_real_cir_model`: option ``combiner`` = a CLIP4Cir combiner checkpoint,
       or ``fusion`` = ``sum`` / ``interp`` with ``alpha``);
+    - ``cavmae:PATH``: a CAV-MAE / READ checkpoint (``v2a`` / ``a2v``; options ``num_heads``, ``audio_mean``,
+      ``audio_std``, ``frame_pool``, ``autocast``: see :func:`qshift.models.cavmae.load_cavmae`);
     - ``custom:module:factory``: ``module.factory(direction=..., weights=..., **options)`` returns one (it also
       gets ``device=`` if it takes that argument); see docs/backbones.md for the contract.
 
@@ -105,6 +108,13 @@ def load_model(name: str = "world", direction: str = "i2t", weights: str | Path 
         loader = load_hf_clip if kind == "hf-clip" else load_hf_blip
         _no_options(name, options, _keyword_options(loader))
         return loader(rest, modality, preprocess=preprocess, device=str(dev), **options)
+    if kind == "cavmae" and rest:
+        from qshift.models.cavmae import load_cavmae
+
+        if weights is not None:
+            raise UserError(f"--model {name} reads its weights from {rest}; drop --weights {weights}")
+        _no_options(name, options, _keyword_options(load_cavmae))
+        return load_cavmae(rest, direction, preprocess=preprocess, device=str(dev), **options)
     if kind == "custom" and rest.count(":") == 1 and all(rest.split(":")):
         module, factory = rest.split(":")
         return load_custom(module, factory, direction, weights, device=str(dev), **options)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from qshift.atomic import write_text_atomic
 from qshift.bench.backbone import file_digest
 from qshift.data import audio_features
-from qshift.data.av_world import AVSplit, load_av_split
+from qshift.data.av_world import SAMPLE_RATE, AVSplit, load_av_split
 from qshift.models.av_model import AVDualEncoder, AVModelConfig
 from qshift.retrieval.metrics import retrieval_metrics
 
@@ -203,7 +203,7 @@ def train_av_model(cfg: AVTrainConfig, out: str | Path | None = None, progress: 
     t_render = time.time() - t0
     base = AVModelConfig()
     T, S = tv.shape[1], tv.shape[2]
-    sr = train.sample_rate
+    sr = SAMPLE_RATE
     n_frames = 1 + (ta.shape[1] - sr * 25 // 1000) // (sr * 10 // 1000)  # Kaldi's frame count (snip_edges)
     target = n_frames - n_frames % base.audio_patch[0]
     raw = _raw_fbanks(ta, target, sr, base.mel_bins)
