@@ -4,11 +4,17 @@
     python benchmarks/step_cost.py --skip-world --vit-batch 8      # only open_clip ViT-B/16
     python benchmarks/step_cost.py --skip-vit                      # only the world model
     python benchmarks/step_cost.py --skip-vit --methods "source,tcr,rest,rest[gen_refresh=batch]"
+    python benchmarks/step_cost.py --av                            # the video-audio task (see below)
 
 Uses the shipped world model on image queries (i2t) against the 10,000-caption gallery; the methods
 are interleaved within each repeat, and it prints the min and the median over repeats, the ratio to
 inference, and REST / TCR.  With open_clip installed it also times
 a randomly initialised ViT-B/16 image tower at B = 8 (no weights are downloaded).
+
+``--av`` times the video-audio task instead: the shipped AV model in both directions (v2a: clips against
+the 2,000 clean test soundtracks; a2v: soundtracks against the clips) at ``--batch``, and a randomly
+initialised CAV-MAE-sized encoder (ViT-B: width 768, 11 + 11 modality blocks and 1 shared block, 224-px
+frames, 1,024 filterbank frames) at ``--vit-batch``, v2a and a2v against a random 2,000 × 768 gallery.
 """
 from __future__ import annotations
 
@@ -17,11 +23,14 @@ import re
 import statistics
 import time
 
+import numpy as np
 import torch
 
-from qshift.data import world
+from qshift.data import av_world, world
 from qshift.methods import available_methods, create
 from qshift.methods.base import method_class
+from qshift.models.av_model import load_av_model
+from qshift.models.cavmae import CAVMAEConfig, CAVMAEEncoder, CAVMAERetrievalModel
 from qshift.models.world_model import WorldRetrievalModel, load_world_model
 from qshift.retrieval.encode import encode_batched
 
@@ -87,7 +96,14 @@ def main() -> None:
     ap.add_argument("--vit-methods", default="source,tent,tcr,rest")
     ap.add_argument("--skip-world", action="store_true", help="only the open_clip ViT-B/16 timing")
     ap.add_argument("--skip-vit", action="store_true", help="only the world-model timing")
+    ap.add_argument("--av", action="store_true", help="the video-audio task: the AV model and a CAV-MAE-sized one")
     args = ap.parse_args()
+    if args.av:
+        methods = split_specs(args.methods)
+        time_av(args.batch, args.repeats, methods if "source" in methods else ["source", *methods])
+        if not args.skip_vit:
+            time_cavmae(args.vit_batch, args.repeats, split_specs(args.vit_methods))
+        return
     if args.skip_world:
         time_openclip(args.vit_batch, args.repeats, split_specs(args.vit_methods))
         return
@@ -133,6 +149,38 @@ def time_openclip(batch: int, repeats: int, methods: list[str], gallery_size: in
     t = time_methods(model, gallery, gallery_ids, items, methods, repeats)
     print_table(t)
     print(f"peak resident memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+def time_av(batch: int, repeats: int, methods: list[str]) -> None:
+    """The shipped AV model, v2a and a2v, ``batch`` test queries against the 2,000 clean test items."""
+    test = av_world.load_av_split("test")
+    videos, audios = test.videos(), test.audios()
+    for direction, queries, gallery_items in (("v2a", videos, audios), ("a2v", audios, videos)):
+        model = load_av_model(None, direction)
+        gallery = encode_batched(model.encode_gallery, gallery_items)
+        print(f"\nAV world model, {direction}, B = {batch}, gallery {len(gallery)}, {torch.get_num_threads()} threads, "
+              f"min and median of {repeats} interleaved repeats")
+        print_table(time_methods(model, gallery, torch.as_tensor(test.ids), queries[:batch], methods, repeats))
+
+
+def time_cavmae(batch: int, repeats: int, methods: list[str], gallery_size: int = 2000) -> None:
+    """A randomly initialised CAV-MAE-sized encoder (no download), v2a and a2v, at batch ``batch``."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cfg = CAVMAEConfig()
+    encoder = CAVMAEEncoder(cfg).eval()
+    gallery = torch.nn.functional.normalize(torch.randn(gallery_size, cfg.embed_dim), dim=-1)
+    gallery_ids = torch.arange(gallery_size)
+    queries = {"v2a": rng.integers(0, 256, (batch, 1, cfg.image_size, cfg.image_size, 3), dtype=np.uint8),
+               "a2v": (rng.standard_normal((batch, 160_000)) * 0.1).astype(np.float32)}  # 10 s at 16 kHz
+    if "source" not in methods:
+        methods = ["source", *methods]
+    for direction, items in queries.items():
+        model = CAVMAERetrievalModel(encoder, direction)
+        n_adapt = sum(p.numel() for _, p in model.adaptable_parameters())
+        print(f"\nCAV-MAE-sized encoder (random weights), {direction}, B = {batch}, random gallery {gallery_size} × "
+              f"{cfg.embed_dim}, {n_adapt:,} adapted parameters, min and median of {repeats} interleaved repeats")
+        print_table(time_methods(model, gallery, gallery_ids, items, methods, repeats))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 sf = pytest.importorskip("soundfile")
-pytest.importorskip("kaldi_native_fbank")
 
 from qshift.bench import av_real_families  # noqa: E402,F401  (registers the families)
 from qshift.bench.evaluate import evaluate_task  # noqa: E402

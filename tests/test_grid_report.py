@@ -11,7 +11,7 @@ from qshift.bench import grid as G
 from qshift.bench.restamp import restamp_cells
 from qshift.bench.store import read_cell
 from qshift.bench.report import (README_END, README_START, Cell, _order, build_summary, build_tables, load_cells,
-                                 protocol_deviations, protocol_notes, table_markdown, update_readme,
+                                 protocol_deviations, protocol_notes, readme_markers, table_markdown, update_readme,
                                  write_report)
 from qshift.cli import app
 from qshift.data import world
@@ -166,6 +166,14 @@ def test_report_tables_plots_and_readme_block(small_world, tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_readme(readme, rep["tables"], "x")
+    # a named block sits beside the default one and is replaced alone
+    av_start, av_end = readme_markers("av")
+    readme.write_text(f"{README_START}\nkeep\n{README_END}\n{av_start}\nold\n{av_end}\n")
+    update_readme(readme, rep["tables"], "qshift report grid --block av", block="av")
+    text = readme.read_text()
+    assert "keep" in text and "old" not in text and "| tent |" in text.split(av_start)[1]
+    with pytest.raises(ValueError, match="block name"):
+        readme_markers("a b")
     # a cell made with another world model is left out of every table, and the report says so
     p = G.cell_path(out, "world-c/i2t/fog/5", "tent", 0)
     cell = read_cell(p)

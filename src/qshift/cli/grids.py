@@ -116,6 +116,9 @@ def report_cmd(
     out: Annotated[Optional[Path], typer.Option(help="Report folder (default: FOLDER/report).")] = None,
     readme: Annotated[Optional[Path], typer.Option(help="Also replace the generated grid block of this README.")]
     = None,
+    block: Annotated[Optional[str], typer.Option(help="With --readme: the named block to replace (markers "
+                                                     "<!-- qshift-grid:NAME:start/end -->), for a README "
+                                                     "holding several grids.")] = None,
 ) -> None:
     """Markdown + CSV tables in the papers' layout and PNG plots (heatmaps, streams, forgetting) from a
     grid's results or a folder of run results."""
@@ -138,8 +141,13 @@ def report_cmd(
     console.print(f"report: {rep['report']}\ntables: {len(rep['csv'])} CSV in {rep['report'].parent / 'tables'}\n"
                   f"plots: {len(rep['plots'])} PNG in {rep['report'].parent / 'plots'}")
     if readme is not None:
-        update_readme(readme, rep["tables"], f"qshift report {folder} --readme {readme}", rep["protocol"])
-        console.print(f"updated the grid block of {readme}")
+        command = f"qshift report {folder} --readme {readme}" + (f" --block {block}" if block else "")
+        try:
+            update_readme(readme, rep["tables"], command, rep["protocol"], block=block)
+        except ValueError as e:
+            _error(e)
+            raise typer.Exit(2)
+        console.print(f"updated the grid block{f' {block!r}' if block else ''} of {readme}")
 
 
 @app.command("restamp")
