@@ -129,3 +129,20 @@ def test_the_library_adapter_serves_the_task(small_av):
         ids, scores = adapter.retrieve(audios[:16], k=3)
     assert ids.shape == (16, 3) and scores.shape == (16, 3)
     assert (ids[:, 0] == torch.arange(16)).float().mean() > 0.5
+
+
+def test_cli_run_and_eval_on_the_task(small_av, tmp_path):
+    from typer.testing import CliRunner
+
+    from qshift.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--method", "tcr", "--benchmark", "world-av-c/a2v/rain/5",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "MedR" in res.output and len(list(tmp_path.glob("*.json"))) == 1
+    res = CliRunner().invoke(app, ["eval", "--benchmark", "world-av/v2a/clean", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"MedR"' in res.output
+    res = CliRunner().invoke(app, ["run", "--method", "source", "--benchmark", "world-av/v2a/clean",
+                                   "--model-option", "fusion=sum"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
