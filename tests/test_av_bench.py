@@ -107,9 +107,11 @@ def test_every_method_runs_on_the_task_and_adapts_only_the_query_tower(small_av,
     source = {n: p.detach().clone() for n, p in model.adaptable_parameters()}
     everything = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
     name = ("world-av-c/v2a/gaussian_noise/5" if direction == "v2a" else "world-av-c/a2v/traffic/5")
+    # SAR resets to the source model once its loss EMA is low, which a confident model reaches on 24 clips
+    extra = ["reset_below=0"] if method == "sar" else []
     task = build_benchmark(name)
     try:
-        res = run_online(model, task, parse_settings(method, ["batch_size=8"]), progress=False, keep_adapted=True)
+        res = run_online(model, task, parse_settings(method, ["batch_size=8", *extra]), progress=False, keep_adapted=True)
         assert res.n_queries == N and set(res.metrics) >= {"R@1", "R@5", "R@10", "mAP", "MedR"}
         assert 0 <= res.metrics["R@1"] <= 100 and np.isfinite(res.metrics["MedR"])
         changed = {n for n, p in model.encoder.named_parameters() if not torch.equal(p, everything[n])}

@@ -216,7 +216,7 @@ def test_checkpoint_errors_are_one_line_user_errors(trained, tmp_path):
     with pytest.raises(UserError, match="checkpoint not found"):
         load_cavmae(tmp_path / "none.pth", "v2a")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot be read"):
+    with pytest.raises(UserError, match="is not a readable CAV-MAE checkpoint"):
         load_cavmae(tmp_path / "junk.pth", "v2a")
     with pytest.raises(UserError, match="v2a and a2v"):
         load_cavmae(trained, "i2t", num_heads=2)

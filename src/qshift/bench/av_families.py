@@ -182,28 +182,28 @@ _SPLITS = ("test", "val")
 register_family(Family("world-av", "world-av/{direction}/clean", {"direction": _values("v2a", "a2v")},
                        _single(lambda p: "clean"), "direction", title="AV: clean (R@1)", column="{direction}",
                        summary="AV clean", splits=_SPLITS))
-register_family(Family("world-av-c/video", "world-av-c/{direction}/{corruption}/{severity}",
-                       {"direction": _values("v2a"), "corruption": _values(*VIDEO_CORRUPTIONS),
-                        "severity": _values(*SEVERITIES)},
-                       _single(lambda p: f"{p['corruption']}-{p['severity']}"), "direction",
-                       title="AV: video corruptions, severity {severity} ({direction} R@1)", column="{corruption}",
-                       summary="v2a video s{severity}", summary_rank=lambda p: (-p["severity"],), splits=_SPLITS))
-register_family(Family("world-av-temporal", "world-av-temporal/{direction}/{shift}/{severity}",
-                       {"direction": _values("v2a"), "shift": _values(*TEMPORAL_SHIFTS),
-                        "severity": _values(*SEVERITIES)},
-                       _single(lambda p: f"{p['shift']}-{p['severity']}"), "direction",
-                       title="AV: temporal shifts, severity {severity} ({direction} R@1)", column="{shift}",
-                       summary="v2a temporal s{severity}", summary_rank=lambda p: (-p["severity"],), splits=_SPLITS))
+
+
+def _severity_family(name: str, pattern: str, direction: str, key: str, values: tuple[str, ...], what: str,
+                     summary: str) -> Family:
+    """A family of one shift kind (``key`` over ``values``) × severity in one direction."""
+    return Family(name, pattern, {"direction": _values(direction), key: _values(*values),
+                                  "severity": _values(*SEVERITIES)},
+                  _single(lambda p: f"{p[key]}-{p['severity']}"), "direction",
+                  title=f"AV: {what}, severity {{severity}} ({{direction}} R@1)", column=f"{{{key}}}",
+                  summary=f"{summary} s{{severity}}", summary_rank=lambda p: (-p["severity"],), splits=_SPLITS)
+
+
+register_family(_severity_family("world-av-c/video", "world-av-c/{direction}/{corruption}/{severity}", "v2a",
+                                 "corruption", VIDEO_CORRUPTIONS, "video corruptions", "v2a video"))
+register_family(_severity_family("world-av-temporal", "world-av-temporal/{direction}/{shift}/{severity}", "v2a",
+                                 "shift", TEMPORAL_SHIFTS, "temporal shifts", "v2a temporal"))
 register_family(Family("world-av-domain", "world-av-domain/{direction}/{domain}",
                        {"direction": _values("v2a"), "domain": _values(*QUERY_DOMAINS)},
                        _single(lambda p: p["domain"]), "direction", title="AV: query render domains ({direction} R@1)",
                        column="{domain}", summary="v2a domains", splits=_SPLITS))
-register_family(Family("world-av-c/audio", "world-av-c/{direction}/{corruption}/{severity}",
-                       {"direction": _values("a2v"), "corruption": _values(*AUDIO_CORRUPTIONS),
-                        "severity": _values(*SEVERITIES)},
-                       _single(lambda p: f"{p['corruption']}-{p['severity']}"), "direction",
-                       title="AV: audio noises, severity {severity} ({direction} R@1)", column="{corruption}",
-                       summary="a2v audio s{severity}", summary_rank=lambda p: (-p["severity"],), splits=_SPLITS))
+register_family(_severity_family("world-av-c/audio", "world-av-c/{direction}/{corruption}/{severity}", "a2v",
+                                 "corruption", AUDIO_CORRUPTIONS, "audio noises", "a2v audio"))
 for _d, _mix in (("v2a", "video-c15-s5"), ("a2v", "audio-n6-s5")):
     register_family(Family(f"world-av-mixed/{_d}", f"world-av-mixed/{{direction}}/{_mix}/{{mode}}",
                            {"direction": _values(_d), "mode": _values("interleaved", "segments")}, _mixed,

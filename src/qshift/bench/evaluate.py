@@ -82,7 +82,7 @@ def _metrics(task, scores: torch.Tensor, ids: torch.Tensor) -> dict[str, float]:
     excluded reference and groups) — the engine's ranks with those rules and the task's metrics."""
     gallery_ids = torch.as_tensor(task.gallery_ids)
     if task.relevance is None:
-        return retrieval_metrics(scores, ids, gallery_ids)
+        return retrieval_metrics(scores, ids, gallery_ids, metrics=task_of(task.direction).metrics)
     ranks, aps, sub = batch_ranks(SimpleNamespace(last_cols=None), scores, ids, gallery_ids, task.relevance)
     return summarise(ranks, aps, metrics=task_of(task.direction).metrics, subset_ranks=sub)
 

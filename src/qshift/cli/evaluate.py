@@ -110,15 +110,18 @@ def _any_other_task(benchmarks: list[str]) -> bool:
 
 
 def _print_rows(rows, title: str, t0: float) -> None:
+    names: list[str] = []  # every metric the rows' tasks report, in their order (MedR, subset recalls …)
+    for r in rows:
+        names += [k for k in r.metrics if k not in names]
     table = Table(title=title)
-    for col in ("benchmark", "direction", "R@1", "R@5", "R@10", "mAP", "queries", "gallery"):
+    for col in ("benchmark", "direction", *names, "queries", "gallery"):
         table.add_column(col, justify="right" if col not in ("benchmark", "direction") else "left")
     for r in rows:
-        m = r.metrics
-        table.add_row(r.benchmark, r.direction, f"{m['R@1']:.1f}", f"{m['R@5']:.1f}", f"{m['R@10']:.1f}",
-                      f"{m['mAP']:.1f}", str(r.n_queries), str(r.n_gallery))
+        table.add_row(r.benchmark, r.direction, *(f"{r.metrics[k]:.1f}" if k in r.metrics else "—" for k in names),
+                      str(r.n_queries), str(r.n_gallery))
     console.print(table)
-    console.print(f"[dim]{time.time() - t0:.1f}s · recalls and mAP in percent · any-positive Recall@K[/dim]")
+    console.print(f"[dim]{time.time() - t0:.1f}s · recalls and mAP in percent, MedR in ranks · any-positive "
+                  "Recall@K[/dim]")
 
 
 def _task_and_model(benchmark: str, model_spec: str, weights: Optional[Path], dataset: Optional[str],

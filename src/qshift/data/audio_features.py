@@ -114,7 +114,8 @@ def num_frames(n_samples: int, sample_rate: int = SAMPLE_RATE, frame_shift_ms: f
     return 0 if n_samples < window else 1 + (n_samples - window) // shift
 
 
-def _as_waveform(waveform, what: str = "waveform") -> np.ndarray:
+def as_waveform(waveform, what: str = "waveform") -> np.ndarray:
+    """A mono float waveform as a 1-D array ([1, N] and [N, 1] are squeezed); a UserError for anything else."""
     w = np.asarray(waveform)
     if w.ndim == 2 and 1 in w.shape:
         w = w.reshape(-1)
@@ -133,7 +134,7 @@ def fbank(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE, num_mel_bins: in
 
     The waveform's mean is subtracted first, as CAV-MAE does before ``torchaudio.compliance.kaldi.fbank``;
     the rest is that function with CAV-MAE's options, in float32 as torchaudio computes it."""
-    w = _as_waveform(waveform).astype(np.float32)
+    w = as_waveform(waveform).astype(np.float32)
     window = int(sample_rate * frame_length_ms / 1000)
     shift = int(sample_rate * frame_shift_ms / 1000)
     if window < 2 or shift < 1:
@@ -199,7 +200,7 @@ def features(waveforms: np.ndarray | Sequence[np.ndarray], target_length: int = 
         items = list(waveforms)
     out = np.empty((len(items), int(target_length), int(num_mel_bins)), dtype=np.float32)
     for k, w in enumerate(items):
-        fb = fbank(_as_waveform(w, f"waveform {k}"), sample_rate, num_mel_bins)
+        fb = fbank(as_waveform(w, f"waveform {k}"), sample_rate, num_mel_bins)
         out[k] = normalise(pad_or_crop(fb, target_length), mean, std)
     return out
 

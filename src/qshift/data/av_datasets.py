@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from qshift.errors import UserError
@@ -155,15 +156,8 @@ def read_frame(path: Path) -> np.ndarray:
 def read_crop(frame: np.ndarray, size: int = READ_CROP, resize: int = READ_RESIZE) -> np.ndarray:
     """READ's frame transform before corrupting: the shorter side to ``resize`` (bilinear, as torchvision's
     ``Resize``), then a centre ``size`` crop → uint8 [size, size, 3]."""
-    h, w = frame.shape[:2]
-    im = Image.fromarray(frame)
-    if min(h, w) != resize:
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(resize * long / short)
-        w, h = (resize, new_long) if w <= h else (new_long, resize)
-        im = im.resize((w, h), Image.BILINEAR)
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    im = TF.resize(Image.fromarray(frame), resize, interpolation=TF.InterpolationMode.BILINEAR)
+    return np.asarray(TF.center_crop(im, [size, size]))
 
 
 def read_wav(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -366,10 +360,10 @@ class AVDataset:
 
 # ------------------------------------------------------------------------------------ lazy items
 
-class LazyClips(Sequence):
-    """Clips of ``ds`` (those of ``rows``, in that order) read on access, as uint8 [T, H, W, 3]: clean (their
-    own frames), from ``source`` (READ's pre-corrupted frames), or corrupted on the fly (READ's crop, then
-    :func:`qshift.shifts.video.corrupt_clip` seeded by (row, corruption, severity, seed))."""
+class _LazyTracks(Sequence):
+    """One modality's items of ``ds`` (those of ``rows``, in that order) read on access: clean, from
+    ``source`` (READ's pre-corrupted data), or corrupted on the fly seeded by (row, corruption, severity,
+    seed); subclasses say how to read and corrupt an item."""
 
     def __init__(self, ds: AVDataset, rows: Sequence[int] | None = None, corruption: str | None = None,
                  severity: int = 0, seed: int = 0, source: AVDataset | None = None) -> None:
@@ -385,37 +379,40 @@ class LazyClips(Sequence):
             return [self[j] for j in range(*k.indices(len(self)))]
         row = int(self.rows[k])
         if self.source is not None:
-            return self.source.video(row)
+            return self._read(self.source, row)
         if self.corruption is None:
-            return self.ds.video(row)
+            return self._read(self.ds, row)
+        return self._corrupt(row)
+
+    def _read(self, ds: AVDataset, row: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _corrupt(self, row: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LazyClips(_LazyTracks):
+    """Clips read on access as uint8 [T, H, W, 3]; on the fly, READ's crop then
+    :func:`qshift.shifts.video.corrupt_clip`."""
+
+    def _read(self, ds: AVDataset, row: int) -> np.ndarray:
+        return ds.video(row)
+
+    def _corrupt(self, row: int) -> np.ndarray:
         from qshift.shifts.video import corrupt_clip
 
         clip = np.stack([read_crop(f) for f in self.ds.video(row)])
         return corrupt_clip(clip, self.corruption, self.severity, item_id=row, seed=self.seed)
 
 
-class LazyAudios(Sequence):
-    """Audio tracks of ``ds`` (those of ``rows``) read on access as float32 [N] at 16 kHz: clean, from
-    ``source`` (READ's pre-corrupted WAVs), or corrupted on the fly by
-    :func:`qshift.shifts.audio.corrupt_audio` seeded by (row, corruption, severity, seed)."""
+class LazyAudios(_LazyTracks):
+    """Audio tracks read on access as float32 [N] at 16 kHz; on the fly,
+    :func:`qshift.shifts.audio.corrupt_audio` (with the dataset's real noise files, if any)."""
 
-    def __init__(self, ds: AVDataset, rows: Sequence[int] | None = None, corruption: str | None = None,
-                 severity: int = 0, seed: int = 0, source: AVDataset | None = None) -> None:
-        self.ds, self.source = ds, source
-        self.rows = np.arange(len(ds)) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.corruption, self.severity, self.seed = corruption, int(severity), int(seed)
+    def _read(self, ds: AVDataset, row: int) -> np.ndarray:
+        return ds.audio(row)
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[j] for j in range(*k.indices(len(self)))]
-        row = int(self.rows[k])
-        if self.source is not None:
-            return self.source.audio(row)
-        if self.corruption is None:
-            return self.ds.audio(row)
+    def _corrupt(self, row: int) -> np.ndarray:
         from qshift.shifts.audio import corrupt_audio
 
         out = corrupt_audio(self.ds.audio(row), self.corruption, self.severity, item_id=row, seed=self.seed,

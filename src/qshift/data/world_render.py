@@ -10,7 +10,7 @@ import math
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
 
-from qshift.data.world_scenes import COLOURS, IMAGE_SIZE, Scene
+from qshift.data.world_scenes import COLOURS, IMAGE_SIZE, Scene, WorldObject
 
 SUPERSAMPLE = 4
 
@@ -109,48 +109,70 @@ def render_scene_at(scene: Scene, size: int, domain: str = "source") -> np.ndarr
     img = Image.fromarray(canvas, "RGB")
     draw = ImageDraw.Draw(img)
     stroke = max(1, int(round(1.6 * k)))
+    hatch = sketch_hatch(S, k, stroke) if domain == "sketch" else None
     for o in scene.objects:
-        fill = tuple(int(np.clip(c + t, 0, 255)) for c, t in zip(COLOURS[o.colour], o.tint))
-        cx, cy, r = o.x * k, o.y * k, o.radius * k
-        if domain == "outline":
-            kw = {"outline": fill, "width": stroke}
-        elif domain == "sketch":
-            kw = {"outline": tuple(int(0.55 * c) for c in fill), "width": max(1, stroke // 2)}
-        else:
-            kw = {"fill": fill}
-        if o.shape in ("circle", "crescent"):
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], **kw)
-            if o.shape == "crescent":
-                off = 0.5 * r
-                a = math.radians(o.rotation)
-                ox, oy = cx + off * math.cos(a), cy + off * math.sin(a) - 0.15 * r
-                rr = 0.85 * r
-                # cut the bite with the background colour at that spot
-                px, py = int(np.clip(ox, 0, S - 1)), int(np.clip(oy, 0, S - 1))
-                bite = tuple(int(v) for v in canvas[py, px])
-                draw.ellipse([ox - rr, oy - rr, ox + rr, oy + rr], fill=bite,
-                             **({"outline": kw["outline"], "width": kw["width"]} if "outline" in kw else {}))
-        else:
-            draw.polygon(_shape_polygon(o.shape, cx, cy, r, o.rotation), **kw)
-        if domain == "sketch":  # hatching in the object's colour, clipped to its bounding circle
-            mask = Image.new("L", (S, S), 0)
-            mdraw = ImageDraw.Draw(mask)
-            if o.shape in ("circle", "crescent"):
-                mdraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-            else:
-                mdraw.polygon(_shape_polygon(o.shape, cx, cy, r, o.rotation), fill=255)
-            hatch = Image.new("L", (S, S), 0)
-            hdraw = ImageDraw.Draw(hatch)
-            step = int(3 * k)
-            for d in range(-S, S, step):
-                hdraw.line([d, 0, d + S, S], fill=255, width=max(1, stroke // 2))
-            img.paste(fill, (0, 0), ImageChops.multiply(mask, hatch))
+        draw_object(img, draw, canvas, o, object_fill(o), k, S, stroke, domain, hatch)
     out = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+    return finish_render(out, scene, domain, rng)
+
+
+def object_fill(o: WorldObject) -> tuple[int, int, int]:
+    """An object's RGB fill: its colour plus its tint, clipped to 0..255."""
+    return tuple(int(np.clip(c + t, 0, 255)) for c, t in zip(COLOURS[o.colour], o.tint))
+
+
+def sketch_hatch(S: int, k: float, stroke: int) -> Image.Image:
+    """The ``sketch`` domain's diagonal hatching over an S × S canvas (an L-mode mask)."""
+    hatch = Image.new("L", (S, S), 0)
+    hdraw = ImageDraw.Draw(hatch)
+    for d in range(-S, S, int(3 * k)):
+        hdraw.line([d, 0, d + S, S], fill=255, width=max(1, stroke // 2))
+    return hatch
+
+
+def draw_object(img: Image.Image, draw: ImageDraw.ImageDraw, canvas: np.ndarray, o: WorldObject, fill: tuple,
+                k: float, S: int, stroke: int, domain: str, hatch: Image.Image | None) -> None:
+    """Draw one object on a supersampled canvas of S px (``k`` px per world px) in ``domain``'s style;
+    ``canvas`` is the background (a crescent's bite takes its colour), ``hatch`` the sketch hatching."""
+    cx, cy, r = o.x * k, o.y * k, o.radius * k
+    if domain == "outline":
+        kw = {"outline": fill, "width": stroke}
+    elif domain == "sketch":
+        kw = {"outline": tuple(int(0.55 * c) for c in fill), "width": max(1, stroke // 2)}
+    else:
+        kw = {"fill": fill}
+    if o.shape in ("circle", "crescent"):
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **kw)
+        if o.shape == "crescent":
+            off = 0.5 * r
+            a = math.radians(o.rotation)
+            ox, oy = cx + off * math.cos(a), cy + off * math.sin(a) - 0.15 * r
+            rr = 0.85 * r
+            # cut the bite with the background colour at that spot
+            px, py = int(np.clip(ox, 0, S - 1)), int(np.clip(oy, 0, S - 1))
+            bite = tuple(int(v) for v in canvas[py, px])
+            draw.ellipse([ox - rr, oy - rr, ox + rr, oy + rr], fill=bite,
+                         **({"outline": kw["outline"], "width": kw["width"]} if "outline" in kw else {}))
+    else:
+        draw.polygon(_shape_polygon(o.shape, cx, cy, r, o.rotation), **kw)
+    if hatch is not None:  # hatching in the object's colour, clipped to its bounding shape
+        mask = Image.new("L", (S, S), 0)
+        mdraw = ImageDraw.Draw(mask)
+        if o.shape in ("circle", "crescent"):
+            mdraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        else:
+            mdraw.polygon(_shape_polygon(o.shape, cx, cy, r, o.rotation), fill=255)
+        img.paste(fill, (0, 0), ImageChops.multiply(mask, hatch))
+
+
+def finish_render(out: np.ndarray, scene: Scene, domain: str, rng: np.random.Generator) -> np.ndarray:
+    """The per-image steps after downsampling (a ``lowlight`` exposure and its sensor noise, the
+    background's grain), then rounding to uint8; ``out`` is float [..., size, size, 3] (frames share the
+    noise)."""
     if domain == "lowlight":
         out = 255.0 * (out / 255.0) ** 1.6 * 0.45 + np.array([0.0, 4.0, 18.0], np.float32)
-        out = out + rng.normal(0, 3.0, size=out.shape)  # sensor noise in the dark
+        out = out + rng.normal(0, 3.0, size=out.shape[-3:])  # sensor noise in the dark
     bg = scene.background
     if bg.grain > 0:
-        noise = np.random.default_rng(scene.noise_seed).normal(0, bg.grain, size=out.shape)
-        out = out + noise
+        out = out + np.random.default_rng(scene.noise_seed).normal(0, bg.grain, size=out.shape[-3:])
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -17,7 +17,6 @@ Weights: ``qshift/models/weights/av_model.pt`` with its card ``av_model.md``
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -29,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qshift.atomic import atomic_path
 from qshift.data import audio_features
 from qshift.errors import UserError
+from qshift.models.checkpoint import half_state, read_checkpoint, save_checkpoint
 from qshift.models.protocol import TwoTowerBase, layernorm_affine_parameters
 from qshift.models.world_model import IMAGE_MEAN, IMAGE_STD, Block
 
@@ -213,11 +212,8 @@ class AVDualEncoder(nn.Module):
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path, card: dict | None = None, half: bool = True) -> None:
         """Save weights (fp16 by default) with the config and an optional model-card dict, atomically."""
-        state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in self.state_dict().items()}
-        payload = {"format": AV_FORMAT, "config": asdict(self.cfg), "state_dict": state,
-                   "card": json.loads(json.dumps(card or {}, default=str))}
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        save_checkpoint(path, {"format": AV_FORMAT, "config": asdict(self.cfg),
+                               "state_dict": half_state(self.state_dict(), half)}, card)
 
     @classmethod
     def load(cls, path: str | Path) -> "AVDualEncoder":
@@ -225,10 +221,7 @@ class AVDualEncoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise UserError(f"AV model weights not found: {path} (make them with `qshift train-av-model --out FILE`)")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated file, another format, a pickle with code in it
-            raise UserError(f"{path} is not a readable qshift AV model checkpoint ({type(e).__name__})") from e
+        payload = read_checkpoint(path, "qshift AV model checkpoint")
         if not isinstance(payload, dict) or payload.get("format") != AV_FORMAT:
             raise UserError(f"{path} is not a qshift AV model checkpoint (format {AV_FORMAT!r}, as "
                             "`qshift train-av-model` writes)")

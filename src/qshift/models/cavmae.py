@@ -43,11 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
 
 from qshift.data.task import DIRECTIONS
 from qshift.errors import UserError
+from qshift.models.checkpoint import read_checkpoint
 from qshift.models.dual_tower import AUTOCAST, freeze_except_adaptable, resolve_device
 from qshift.models.protocol import TwoTowerBase
 
@@ -314,11 +316,7 @@ def read_cavmae_state(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"CAV-MAE checkpoint not found: {p}")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file, another format, a pickle with code in it
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{p}: cannot be read as a CAV-MAE checkpoint ({type(e).__name__}: {first[:160]})") from e
+    payload = read_checkpoint(p, "CAV-MAE checkpoint")
     for key in ("state_dict", "model"):
         if isinstance(payload, dict) and isinstance(payload.get(key), dict):
             payload = payload[key]
@@ -337,16 +335,8 @@ def cavmae_frame(frame: np.ndarray, size: int = 224) -> np.ndarray:
     """CAV-MAE's eval transform of one uint8 [H, W, 3] frame: the shorter side resized to ``size`` (bicubic,
     the longer side ``int(size · long / short)`` as torchvision's ``Resize``; skipped when already ``size``),
     a centre ``size`` × ``size`` crop, /255 and ImageNet's mean / std → float32 [3, size, size]."""
-    h, w = frame.shape[:2]
-    im = Image.fromarray(frame)
-    if min(h, w) != size:
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(size * long / short)
-        nw, nh = (size, new_long) if w <= h else (new_long, size)
-        im = im.resize((nw, nh), Image.BICUBIC)
-        h, w = nh, nw
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    x = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    im = TF.resize(Image.fromarray(frame), size, interpolation=TF.InterpolationMode.BICUBIC)
+    x = np.asarray(TF.center_crop(im, [size, size]), dtype=np.float32) / 255.0
     x = (x - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 

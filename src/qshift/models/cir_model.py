@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qshift.errors import UserError
+from qshift.models.checkpoint import half_state, read_checkpoint, save_checkpoint
 from qshift.models.dual_tower import freeze_except_adaptable
 from qshift.models.protocol import layernorm_affine_parameters
 from qshift.models.world_model import WorldDualEncoder, load_world_model
@@ -210,16 +210,10 @@ def save_cir_model(encoder: WorldDualEncoder, combiner: Combiner, path: str | Pa
     """Write a CIR checkpoint atomically: the (tuned) world towers in the world model's own format (fp16
     ``config`` / ``state_dict``, so :meth:`WorldDualEncoder.load` reads it) plus ``combiner`` (fp32) and the
     model-card record (``card``, without its per-epoch history); returns the file's SHA-256."""
-    from qshift.atomic import atomic_path
-
-    state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().clone()
-             for k, v in encoder.state_dict().items()}
     record = {k: v for k, v in (card or {}).items() if k != "history"}
-    payload = {"format": CIR_FORMAT, "config": asdict(encoder.cfg), "state_dict": state,
-               "combiner": {k: v.detach().float().cpu().clone() for k, v in combiner.state_dict().items()},
-               "card": json.loads(json.dumps(record, default=str))}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_checkpoint(path, {"format": CIR_FORMAT, "config": asdict(encoder.cfg),
+                           "state_dict": half_state(encoder.state_dict()),
+                           "combiner": half_state(combiner.state_dict(), half=False)}, record)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -227,11 +221,7 @@ def _read_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"CIR model weights not found at {path}; check the path, or make them with "
                                 "`qshift train-cir-model --out FILE`")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, another format, a pickle with code in it
-        raise UserError(f"{path} is not a readable CIR model checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    payload = read_checkpoint(path, "CIR model checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CIR_FORMAT \
             or not {"config", "state_dict", "combiner"} <= set(payload):
         raise UserError(f"{path} is not a qshift CIR model checkpoint (expected format {CIR_FORMAT!r} with the "

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qshift.atomic import atomic_path
+from qshift.models.checkpoint import half_state, read_checkpoint, save_checkpoint
 from qshift.models.protocol import TwoTowerBase, layernorm_affine_parameters
 from qshift.models.tokenizer import NgramTokenizer
 
@@ -227,23 +227,14 @@ class WorldDualEncoder(nn.Module):
     # -- persistence -------------------------------------------------------------------
     def save(self, path: str | Path, card: dict | None = None, half: bool = True) -> None:
         """Save weights (fp16 by default) with the config and an optional model-card dict."""
-        state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in self.state_dict().items()}
-        cfg = asdict(self.cfg)
-        # the card goes through JSON so that the file loads with ``weights_only=True``
-        payload = {"config": cfg, "state_dict": state, "card": json.loads(json.dumps(card or {}, default=str))}
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
+        save_checkpoint(path, {"config": asdict(self.cfg), "state_dict": half_state(self.state_dict(), half)}, card)
 
     @classmethod
     def load(cls, path: str | Path) -> "WorldDualEncoder":
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"world model weights not found: {path}")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated file, another format, a pickle with code in it
-            raise ValueError(f"{path} is not a readable qshift world model checkpoint ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        payload = read_checkpoint(path, "qshift world model checkpoint", error=ValueError)
         if not isinstance(payload, dict) or not {"config", "state_dict"} <= set(payload):
             raise ValueError(f"{path} is not a qshift world model checkpoint (expected the keys 'config' and "
                              f"'state_dict', as `qshift train-world-model` writes)")

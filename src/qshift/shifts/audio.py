@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qshift.data.audio_features import SAMPLE_RATE
+from qshift.data.audio_features import SAMPLE_RATE, as_waveform
 from qshift.errors import UserError
 from qshift.shifts.audio_noises import NOISE_KINDS, SYNTHESIS_VERSION, synthesise_noise
 from qshift.shifts.image import corruption_seed
@@ -61,17 +61,6 @@ def _check(corruption: str, severity: int) -> None:
         raise UserError(f"unknown audio corruption {corruption!r}; known: {', '.join(AUDIO_CORRUPTIONS)}")
     if severity not in SEVERITIES:
         raise UserError(f"audio corruption severity must be one of {SEVERITIES}, got {severity!r}")
-
-
-def _waveform(waveform, what: str = "waveform") -> np.ndarray:
-    w = np.asarray(waveform)
-    if w.ndim != 1:
-        raise UserError(f"{what} must be mono, 1-D [samples]; got shape {w.shape}")
-    if not np.issubdtype(w.dtype, np.floating):
-        raise UserError(f"{what} must be float samples in [-1, 1], got {w.dtype}")
-    if not np.isfinite(w).all():
-        raise UserError(f"{what} has NaN or infinite samples")
-    return w
 
 
 def _bed_seed(kind: str, seed: int) -> int:
@@ -161,7 +150,7 @@ def corrupt_audio(waveform: np.ndarray, corruption: str, severity: int, item_id:
     ``noise_dir``: a folder of real ``<kind>.wav`` noise files used instead of the procedural noises (ignored
     by ``gaussian_noise``)."""
     _check(corruption, severity)
-    w = _waveform(waveform)
+    w = as_waveform(waveform)
     if len(w) == 0:
         return w.copy()
     x = w.astype(np.float64)
