@@ -32,10 +32,11 @@ from qshift.data import av_world, streams
 from qshift.data.task import RetrievalTask, gallery_modality, query_modality
 from qshift.shifts import audio as audio_shifts
 from qshift.shifts import video as video_shifts
+from qshift.data.av_video import BENCH_RENDER_SIZE
 from qshift.data.world_render import DOMAINS as RENDER_DOMAINS
 
 #: bump when a builder's output changes, so cached sets are not reused
-AV_BENCH_VERSION = 1
+AV_BENCH_VERSION = 2
 #: the video corruptions of READ's protocol (the 15 ImageNet-C corruptions, applied to every frame)
 VIDEO_CORRUPTIONS: tuple[str, ...] = tuple(video_shifts.VIDEO_CORRUPTIONS)
 AUDIO_CORRUPTIONS: tuple[str, ...] = tuple(audio_shifts.AUDIO_CORRUPTIONS)
@@ -75,8 +76,10 @@ def _cached(split: av_world.AVSplit, spec: dict, rows: np.ndarray, make: Callabl
 
 
 def clean_videos(split: av_world.AVSplit, rows: np.ndarray, domain: str = "source") -> np.ndarray:
-    """The split's clips ``rows`` rendered in ``domain`` (uint8 [n, T, S, S, 3]); cached."""
-    return _cached(split, {"what": "video", "domain": domain}, rows, lambda r: split.videos(r, domain=domain))
+    """The split's clips ``rows`` rendered in ``domain`` at the benchmark's render size (uint8 [n, T, S, S, 3],
+    S = :data:`qshift.data.av_video.BENCH_RENDER_SIZE`; corruptions apply at that size); cached."""
+    return _cached(split, {"what": "video", "domain": domain, "size": BENCH_RENDER_SIZE}, rows,
+                   lambda r: split.videos(r, domain=domain, size=BENCH_RENDER_SIZE))
 
 
 def clean_audios(split: av_world.AVSplit, rows: np.ndarray) -> np.ndarray:

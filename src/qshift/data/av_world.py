@@ -91,13 +91,13 @@ class AVSplit:
             raise UserError(f"clip rows out of range for {self.name} ({len(self.scenes)} clips): {bad[:5]}")
         return out
 
-    def videos(self, rows=None, domain: str = "source", progress: bool = False) -> np.ndarray:
-        """Render clips (all, or ``rows``) to uint8 [n, FRAMES, VIDEO_SIZE, VIDEO_SIZE, 3] in ``domain``."""
+    def videos(self, rows=None, domain: str = "source", progress: bool = False, size: int = VIDEO_SIZE) -> np.ndarray:
+        """Render clips (all, or ``rows``) to uint8 [n, FRAMES, size, size, 3] in ``domain``."""
         check_domain(domain)
         idx = self._rows(rows)
-        out = np.empty((len(idx), FRAMES, VIDEO_SIZE, VIDEO_SIZE, 3), np.uint8)
+        out = np.empty((len(idx), FRAMES, size, size, 3), np.uint8)
         for j, i in enumerate(_progress(idx, progress, f"{self.name} videos ({domain})")):
-            out[j] = render_clip(self.scenes[i], VIDEO_SIZE, domain)
+            out[j] = render_clip(self.scenes[i], size, domain)
         return out
 
     def audios(self, rows=None, progress: bool = False) -> np.ndarray:
