@@ -19,7 +19,8 @@ from pathlib import Path
 
 from validity import load_splits, main, mean, row_tables, run_rows, write_report
 
-from qshift.bench.av_families import AUDIO_CORRUPTIONS, TEMPORAL_SHIFTS, VIDEO_CORRUPTIONS
+from qshift.bench.av_families import AUDIO_CORRUPTIONS, AV_BENCH_VERSION, TEMPORAL_SHIFTS, VIDEO_CORRUPTIONS
+from qshift.data.av_video import BENCH_RENDER_SIZE
 from qshift.bench.backbone import world_identity
 from qshift.models.av_model import load_av_model
 
@@ -42,7 +43,8 @@ def rows() -> list[tuple[str, str, str, tuple[str, ...]]]:
 
 def run(split: str, seed: int, max_queries: int | None) -> None:
     run_rows(OUT / f"{split}.json", rows(), lambda d: load_av_model(None, d), world_identity(task="video-audio"),
-             split, seed, max_queries, {"severity": SEVERITY})
+             split, seed, max_queries, {"severity": SEVERITY, "av_bench_version": AV_BENCH_VERSION,
+                                        "render_size": BENCH_RENDER_SIZE})
 
 
 def summary(data: dict) -> dict:

@@ -22,10 +22,11 @@ Row = tuple[str, str, str, tuple[str, ...]]
 
 def run_rows(path: Path, rows: Sequence[Row], load_model: Callable[[str], Any], model_id: dict, split: str,
              seed: int, max_queries: int | None, header: dict[str, Any]) -> None:
-    """Run every row not yet in ``path`` (for the same model and query count) and rewrite the file atomically
+    """Run every row not yet in ``path`` (for the same model, query count and ``header``) and rewrite the file atomically
     after each; ``load_model(direction)`` gives a fresh source model, ``header`` goes into the file."""
     old = json.loads(path.read_text()) if path.is_file() else {}
-    same = old.get("model") == model_id and old.get("max_queries") == max_queries
+    same = (old.get("model") == model_id and old.get("max_queries") == max_queries
+            and all(old.get(k) == v for k, v in header.items()))  # e.g. a benchmark version or render size
     results = old.get("rows", {}) if same else {}
     t0 = time.time() - float(old.get("seconds", 0.0) if results else 0.0)
     galleries: dict[str, Any] = {}
