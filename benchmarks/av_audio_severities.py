@@ -2,7 +2,7 @@
 each severity makes on the world's soundtracks (a diagnosis beside benchmarks/av_validity.py, which
 measures severity 5 only).
 
-    python benchmarks/av_audio_severities.py [--split val] [--every 5]
+    python benchmarks/av_audio_severities.py [--split val] [--every 5] [--weights av_model.pt]
 
 Queries: every ``--every``-th clip of the split (400 of 2,000 by default), their soundtracks under each audio
 noise of :mod:`qshift.shifts.audio` at severities 1–5; gallery: all the split's clips, clean, as the
@@ -25,8 +25,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--every", type=int, default=5)
+    ap.add_argument("--weights", default=None, help="an AV checkpoint (default: the shipped one)")
     args = ap.parse_args()
-    split, enc = load_av_split(args.split), load_av_encoder()
+    split, enc = load_av_split(args.split), load_av_encoder(args.weights)
     rows = np.arange(0, len(split), args.every)
     with torch.no_grad():
         videos = clean_videos(split, np.arange(len(split)))
